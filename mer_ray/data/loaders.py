@@ -8,20 +8,19 @@ a :class:`DataError` naming the file, the row and the value; nothing is dropped.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import math
-import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
 
 import pyarrow as pa
 
 from mer_ray.data.labels import LabelSet, get_label_set
+from mer_ray.data.readers import (DataError, check_columns, check_label, csv_records, jsonl_records,
+                                  parse_float, parse_int, parse_time)
 from mer_ray.data.schema import OPTIONAL, REQUIRED, SCHEMA
+
+__all__ = ["DataError", "MELD_SPLITS", "load_manifest", "load_meld", "parse_time", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -29,126 +28,6 @@ MELD_SPLITS = ("train", "dev", "test")
 #: MELD CSV column -> schema column. These must all be present.
 MELD_COLUMNS = {"Dialogue_ID": "dialogue_id", "Utterance_ID": "turn", "Speaker": "speaker", "Utterance": "text",
                 "Emotion": "label", "Sentiment": "sentiment", "StartTime": "episode_start", "EndTime": "episode_end"}
-_TIME = re.compile(r"^(\d+):(\d{1,2}):(\d{1,2})(?:[,.](\d{1,3}))?$")
-
-
-class DataError(ValueError):
-    """Bad input data. ``path``, ``row`` (1-based line or record), ``column`` and ``value`` say where."""
-
-    def __init__(self, reason: str, path: str | Path, row: int | None = None, *, row_kind: str = "line",
-                 column: str | None = None, value: Any = None, hint: str = ""):
-        self.reason, self.path, self.row, self.column, self.value = reason, str(path), row, column, value
-        where = f"{path}" + (f", {row_kind} {row}" if row is not None else "")
-        col = f" in column {column!r}" if column is not None else ""
-        val = f": {value!r}" if value is not None else ""
-        super().__init__(f"{where}: {reason}{col}{val}" + (f" ({hint})" if hint else ""))
-
-
-# --------------------------------------------------------------------------- value parsing
-def parse_time(value: Any) -> float | None:
-    """Seconds from a number or an ``H:MM:SS,mmm`` / ``HH:MM:SS.mmm`` string; None for empty. Raises ValueError."""
-    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, bool):
-        raise ValueError("not a time")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        text = str(value).strip()
-        m = _TIME.match(text)
-        if m:
-            h, mi, s, frac = m.groups()
-            if int(mi) >= 60 or int(s) >= 60:
-                raise ValueError("not a time")
-            seconds = int(h) * 3600 + int(mi) * 60 + int(s) + (float("0." + frac) if frac else 0.0)
-        else:
-            seconds = float(text)  # plain seconds; raises ValueError otherwise
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError("not a time")
-    return seconds
-
-
-def _parse_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("not an integer")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
-    raise ValueError("not an integer")
-
-
-def _parse_float(value: Any) -> float | None:
-    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError("not a number")
-    out = float(value)
-    if math.isnan(out):
-        return None
-    if not math.isfinite(out):
-        raise ValueError("not a number")
-    return out
-
-
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"bad encoding: not UTF-8 at byte offset {e.start}", path, line,
-                        value=data[e.start: e.start + 8]) from None
-
-
-# --------------------------------------------------------------------------- record readers
-def _csv_records(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]]]:
-    reader = csv.reader(io.StringIO(_decode(path), newline=""))
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise DataError("empty file, no header", path, 1) from None
-    if len(set(header)) != len(header):
-        dup = next(h for h, c in Counter(header).items() if c > 1)
-        raise DataError("duplicate column in header", path, 1, value=dup)
-
-    def rows():
-        prev = reader.line_num
-        for fields in reader:
-            line, prev = prev + 1, reader.line_num
-            if not fields:  # a blank line
-                continue
-            if len(fields) != len(header):
-                raise DataError(f"row has {len(fields)} fields, header has {len(header)}", path, line, value=fields)
-            yield line, dict(zip(header, fields))
-
-    return header, rows()
-
-
-def _jsonl_records(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
-    records, columns = [], {}
-    for line_no, line in enumerate(_decode(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"bad JSON ({e.msg})", path, line_no, value=line[:80]) from None
-        if not isinstance(rec, dict):
-            raise DataError("a JSONL record must be an object", path, line_no, value=line[:80])
-        columns.update(dict.fromkeys(rec))
-        records.append((line_no, rec))
-    return list(columns), records
-
-
-# --------------------------------------------------------------------------- table building
-def _check_columns(columns: list[str], needed, path: Path, row_kind: str) -> None:
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        raise DataError("missing column", path, 1 if row_kind == "line" else None,
-                        value=missing[0] if len(missing) == 1 else missing, hint=f"found {list(columns)}")
 
 
 def _finish(rows: dict[str, list], path: Path, row_nums: list[int], row_kind: str,
@@ -175,17 +54,6 @@ def _label_set(spec: str | LabelSet | None) -> LabelSet | None:
     return get_label_set(spec) if isinstance(spec, str) else spec
 
 
-def _check_label(value, labels: LabelSet | None, path, row, row_kind, column) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise DataError("label is not a string", path, row, row_kind=row_kind, column=column, value=value)
-    if labels is not None and value not in labels.labels:
-        raise DataError("unknown label", path, row, row_kind=row_kind, column=column, value=value,
-                        hint=f"label set {labels.name!r}: {list(labels.labels)}")
-    return value
-
-
 def load_meld(data_dir: str | Path, split: str) -> pa.Table:
     """Load one MELD split from ``{data_dir}/{split}_sent_emo.csv``.
 
@@ -204,23 +72,23 @@ def load_meld(data_dir: str | Path, split: str) -> pa.Table:
     path = Path(data_dir) / f"{split}_sent_emo.csv"
     if not path.is_file():
         raise FileNotFoundError(f"MELD file not found: {path}")
-    header, records = _csv_records(path)
-    _check_columns(header, MELD_COLUMNS, path, "line")
+    header, records = csv_records(path)
+    check_columns(header, MELD_COLUMNS, path, "line")
     emotions, sentiments = get_label_set("meld7"), get_label_set("meld_sentiment3")
     cols = ["dialogue_id", "turn", "speaker", "text", "video", "label", "sentiment", "split", "season",
             "episode", "sr_no", "episode_start", "episode_end"]
     rows: dict[str, list] = {c: [] for c in cols}
     line_nums = []
     for line, rec in records:
-        def bad(reason, column):
+        def bad(reason, column, line=line, rec=rec):
             return DataError(reason, path, line, column=column, value=rec[column])
 
         try:
-            dia = _parse_int(rec["Dialogue_ID"])
+            dia = parse_int(rec["Dialogue_ID"])
         except ValueError:
             raise bad("Dialogue_ID is not an integer", "Dialogue_ID") from None
         try:
-            utt = _parse_int(rec["Utterance_ID"])
+            utt = parse_int(rec["Utterance_ID"])
         except ValueError:
             raise bad("non-integer turn", "Utterance_ID") from None
         times = []
@@ -237,11 +105,11 @@ def load_meld(data_dir: str | Path, split: str) -> pa.Table:
         extras = {}
         for col, name in (("Season", "season"), ("Episode", "episode"), ("Sr No.", "sr_no")):
             try:
-                extras[name] = _parse_int(rec[col]) if rec.get(col, "") != "" else None
+                extras[name] = parse_int(rec[col]) if rec.get(col, "") != "" else None
             except ValueError:
                 raise bad(f"{col} is not an integer", col) from None
-        label = _check_label(rec["Emotion"], emotions, path, line, "line", "Emotion")
-        sentiment = _check_label(rec["Sentiment"], sentiments, path, line, "line", "Sentiment")
+        label = check_label(rec["Emotion"], emotions, path, line, "line", "Emotion")
+        sentiment = check_label(rec["Sentiment"], sentiments, path, line, "line", "Sentiment")
         if label is None or sentiment is None:
             raise bad("missing gold label", "Emotion" if label is None else "Sentiment")
         values = [f"{split}/{dia}", utt, rec["Speaker"], rec["Utterance"], f"dia{dia}_utt{utt}.mp4", label,
@@ -277,9 +145,9 @@ def load_manifest(path: str | Path, label_set: str | LabelSet | None = None,
     suffix = path.suffix.lower()
     extra_arrays: dict[str, pa.Array] | None = None
     if suffix == ".csv":
-        columns, records, row_kind = *_csv_records(path), "line"
+        columns, records, row_kind = *csv_records(path), "line"
     elif suffix in (".jsonl", ".ndjson"):
-        columns, records, row_kind = *_jsonl_records(path), "line"
+        columns, records, row_kind = *jsonl_records(path), "line"
     elif suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
@@ -292,13 +160,13 @@ def load_manifest(path: str | Path, label_set: str | LabelSet | None = None,
         extra_arrays = {c: src[c] for c in columns if c not in SCHEMA.names}
     else:
         raise DataError("unknown manifest format; expected .csv, .jsonl or .parquet", path, value=path.suffix)
-    _check_columns(list(columns), REQUIRED, path, row_kind)
+    check_columns(list(columns), REQUIRED, path, row_kind)
     labels = {"label": _label_set(label_set), "sentiment": _label_set(sentiment_set)}
     keep = [c for c in columns if extra_arrays is None or c in SCHEMA.names]
     rows: dict[str, list] = {c: [] for c in keep}
     row_nums = []
     for row, rec in records:
-        def bad(reason, column):
+        def bad(reason, column, row=row, rec=rec):
             return DataError(reason, path, row, row_kind=row_kind, column=column, value=rec.get(column))
 
         out = {}
@@ -308,7 +176,7 @@ def load_manifest(path: str | Path, label_set: str | LabelSet | None = None,
                 if v is None or v == "":
                     raise bad("missing value", col)
                 try:
-                    v = _parse_int(v)
+                    v = parse_int(v)
                 except ValueError:
                     raise bad("non-integer turn", col) from None
             elif col in ("dialogue_id", "speaker"):
@@ -327,10 +195,10 @@ def load_manifest(path: str | Path, label_set: str | LabelSet | None = None,
                 except ValueError:
                     raise bad("bad time", col) from None
             elif col in ("label", "sentiment"):
-                v = _check_label(v, labels[col], path, row, row_kind, col)
+                v = check_label(v, labels[col], path, row, row_kind, col)
             elif col in ("valence", "arousal", "dominance"):
                 try:
-                    v = _parse_float(v)
+                    v = parse_float(v)
                 except ValueError:
                     raise bad("not a number", col) from None
             elif col in OPTIONAL and v == "":  # video/audio: empty CSV cell -> null
