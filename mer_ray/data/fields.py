@@ -3,9 +3,9 @@
 Positions are ``0..n-1`` in turn order (MELD turns have gaps, so a position is
 not a turn; :func:`positions` maps one to the other). A field covers positions
 ``start..end-1``. For every requested size, every position is covered by at
-least one field of that size: windows start every ``stride`` positions, and a
-last window aligned to the dialogue's end is added when the strides would leave
-a tail uncovered. A size at least the dialogue's length, or ``None``, gives one
+least one field of that size: windows start every ``stride`` positions (at most
+``size``), and a last window aligned to the dialogue's end is added when the
+strides would leave a tail uncovered. A size at least the dialogue's length, or ``None``, gives one
 field over the whole dialogue.
 """
 
@@ -42,6 +42,7 @@ class Field:
 def _windows(n: int, size: int, stride: int) -> list[tuple[int, int]]:
     if size >= n:
         return [(0, n)]
+    stride = min(stride, size)  # a larger stride would leave positions between windows uncovered
     spans = [(s, s + size) for s in range(0, n - size + 1, stride)]
     if spans[-1][1] < n:  # align a last window to the end so the tail is covered
         spans.append((n - size, n))
@@ -56,6 +57,7 @@ def receptive_fields(n_turns: int, sizes: Sequence[int | None], stride: int | Se
         n_turns: number of utterances (positions ``0..n_turns-1``); 0 gives no fields.
         sizes: window sizes, each a positive int or ``None`` (the whole dialogue).
         stride: one stride for all sizes, or one per size (positive ints; ignored for ``None``).
+            A stride larger than its size is clamped to the size, so no position is skipped.
         dedupe: drop a field whose ``(start, end)`` span equals an earlier field's (e.g. sizes 8
             and ``None`` on a 5-turn dialogue): the same span would give the same LLM prompt.
             The kept field carries the first size that produced it, so coverage still holds for
