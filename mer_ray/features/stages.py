@@ -1,0 +1,78 @@
+"""Which stages run, with what resources, and the thin Ray wrapper around each.
+
+A stage is a plain class: ``__init__`` loads, ``__call__(batch: dict) -> dict``
+maps a batch of columns (lists) to new columns. :class:`ArrowStage` is the only
+Ray-facing piece: Arrow in, plain dict to the stage, Arrow out.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from mer_ray.features.columns import to_table
+from mer_ray.features.config import ExtractConfig, StageResources
+
+#: Internal media columns, dropped as soon as no later stage needs them.
+MEDIA_COLUMNS = ("_frames", "_frame_shape", "_audio", "_crops")
+
+
+@dataclass
+class StageSpec:
+    """One pipeline stage: its class (as ``module:Name``), constructor kwargs and resources."""
+
+    name: str
+    cls: str
+    kwargs: dict
+    resources: StageResources
+    needs: tuple[str, ...] = ()
+    drop: tuple[str, ...] = field(default=())
+
+
+def load_class(path: str):
+    """``"pkg.module:Name"`` -> the class."""
+    mod, _, name = path.partition(":")
+    return getattr(importlib.import_module(mod), name)
+
+
+class ArrowStage:
+    """Ray Data actor: builds the stage once, then maps Arrow blocks through it."""
+
+    def __init__(self, cls: str, kwargs: dict, drop: tuple[str, ...] = ()):
+        self.stage = load_class(cls)(**kwargs)
+        self.drop = drop
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        out = to_table(self.stage(table.to_pydict()), base=table)
+        return out.drop_columns([c for c in self.drop if c in out.column_names])
+
+
+def build_stages(cfg: ExtractConfig, media_root: str | None, has_media: bool) -> list[StageSpec]:
+    """The stages the config asks for, in order, with the media columns each can drop after it."""
+    st: list[StageSpec] = []
+    if has_media:
+        st.append(StageSpec("decode", "mer_ray.features.decode:DecodeStage",
+                            dict(media_root=media_root, n_frames=cfg.n_frames, max_width=cfg.max_width,
+                                 sample_rate=cfg.sample_rate, max_seconds=cfg.max_seconds), cfg.decode))
+        if cfg.faces:
+            st.append(StageSpec("face", "mer_ray.features.faces:FaceStage", dict(min_size=cfg.face_min_size),
+                                cfg.face, needs=("_frames", "_frame_shape")))
+            st.append(StageSpec("expression", "mer_ray.features.expression:ExpressionStage",
+                                dict(threads=cfg.torch_threads), cfg.expression, needs=("_crops",)))
+        if cfg.image_model_dir:
+            st.append(StageSpec("image", "mer_ray.features.image:ImageStage",
+                                dict(model_dir=cfg.image_model_dir, threads=cfg.torch_threads), cfg.image,
+                                needs=("_frames", "_frame_shape")))
+        if cfg.audio_encoder != "none":
+            st.append(StageSpec("audio", "mer_ray.features.audio:AudioStage",
+                                dict(encoder=cfg.audio_encoder, model_dir=cfg.audio_model_dir,
+                                     sample_rate=cfg.sample_rate, threads=cfg.torch_threads), cfg.audio, needs=("_audio",)))
+    if cfg.text:
+        st.append(StageSpec("text", "mer_ray.features.text:TextStage",
+                            dict(model_dir=cfg.text_model_dir, threads=cfg.torch_threads), cfg.text_stage))
+    for i, s in enumerate(st):
+        later = {c for t in st[i + 1:] for c in t.needs}
+        s.drop = tuple(c for c in MEDIA_COLUMNS if c not in later)
+    return st

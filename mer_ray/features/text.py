@@ -1,0 +1,36 @@
+"""Text stage: one MiniLM sentence embedding (384-d) per utterance."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class TextStage:
+    """Adds ``text_embedding`` [384] to a batch; runs whatever the media's status.
+
+    Args:
+        model_dir: a local sentence-transformers directory; None uses the packaged MiniLM.
+        threads: ``torch.set_num_threads`` for this worker.
+    """
+
+    def __init__(self, model_dir: str | None = None, threads: int = 1):
+        import torch
+
+        torch.set_num_threads(threads)
+        if model_dir:
+            from sentence_transformers import SentenceTransformer
+
+            self.model = SentenceTransformer(model_dir, device="cpu")
+        else:
+            from mer_ray.assets import minilm
+
+            self.model = minilm()
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Embeddings [n, 384] float32 of ``texts`` (None counts as empty)."""
+        texts = ["" if t is None else str(t) for t in texts]
+        return np.asarray(self.model.encode(texts, batch_size=len(texts) or 1, convert_to_numpy=True), dtype=np.float32)
+
+    def __call__(self, batch: dict) -> dict:
+        emb = self.encode(list(batch["text"]))
+        return {"text_embedding": [e.tolist() for e in emb]}
