@@ -14,6 +14,7 @@ A column is gold when its name (case-insensitive) is one of
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -27,7 +28,9 @@ _PREFIXES = ("gold", "label_")
 
 
 class GoldLeakError(RuntimeError):
-    """Gold columns reached a place that builds a model's inputs."""
+    """Gold columns (or, from :func:`assert_no_canaries`, gold values: ``.found``) reached a model's inputs."""
+
+    found: list[str] = []
 
 
 def is_gold_column(name: str) -> bool:
@@ -87,3 +90,43 @@ def assert_no_gold(table_or_columns: Any, where: str) -> None:
             f"gold column(s) {gold} reached {where}; gold labels must never reach a model's inputs. "
             "Drop them with mer_ray.data.leak.strip_gold() and join gold back only for evaluation."
         )
+
+
+def canary_gold(table: pa.Table) -> tuple[pa.Table, set[str]]:
+    """For leak tests: replace every gold value with a unique, recognisable canary.
+
+    String gold becomes ``"CANARY_<column>_<row>_"``; float gold becomes a float with eleven
+    distinct digits (``0.<6 digits from row and column>13579``) that only a copy would reproduce. Feed the result to the code
+    that builds model inputs and check its output with :func:`assert_no_canaries`.
+
+    Returns:
+        The table with canaries, and the canaries as strings.
+    """
+    canaries: set[str] = set()
+    for j, name in enumerate(gold_columns(table)):
+        col, n = table[name], table.num_rows
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            values = [f"CANARY_{name}_{i}_" for i in range(n)]
+        elif pa.types.is_floating(col.type):
+            values = [float(f"0.{(271828 + 7919 * i + 131071 * j) % 10**6:06d}13579") for i in range(n)]
+        else:
+            continue
+        canaries.update(map(str, values))
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, col.type))
+    return table, canaries
+
+
+def assert_no_canaries(values: Any, canaries: set[str], where: str) -> None:
+    """Raise :class:`GoldLeakError` if any canary from :func:`canary_gold` occurs in ``values``.
+
+    ``values`` is searched as text: a string, or any nesting of lists/dicts/tables rendered with
+    ``repr``. Float canaries are matched by their full ``repr`` (a rounded copy goes unseen).
+    """
+    if isinstance(values, (pa.Table, pa.RecordBatch)):
+        values = values.to_pylist()
+    text = values if isinstance(values, str) else repr(values)
+    found = sorted(set(re.findall(r"CANARY_\w+?_\d+_|0\.\d{6}13579", text)) & canaries, key=lambda c: (c[0] == "0", c))
+    if found:
+        err = GoldLeakError(f"{len(found)} gold value(s) reached {where}, e.g. {found[:5]}")
+        err.found = found
+        raise err
