@@ -1,0 +1,72 @@
+"""Serve deployments: thin wrappers around the plain stage objects (see ``adapters.py``).
+
+Each deployment loads its stage once in ``__init__`` and exposes the stage's
+methods. Resources and autoscaling come from ``serve/*.yaml`` (the defaults here
+suit a laptop); model replicas pin ``torch.set_num_threads`` so fractional CPUs
+do not oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+
+from mer_ray.serve.adapters import FusionStage, MLLMStage, RefinerStage, VanillaStage
+from mer_ray.serve.featurize import FeaturizerStage
+
+
+@serve.deployment(name="Featurizer", ray_actor_options={"num_cpus": 0.5})
+class Featurizer:
+    """Text embeddings (packaged MiniLM), plus face/voice features when media are sent."""
+
+    def __init__(self, threads: int = 1, extract_config: dict | None = None):
+        self.stage = FeaturizerStage(threads=threads, extract_config=extract_config)
+
+    def featurize(self, utterances: list[dict]) -> list[dict]:
+        return self.stage.featurize(utterances)
+
+
+@serve.deployment(name="Vanilla", ray_actor_options={"num_cpus": 0.5})
+class Vanilla:
+    """The vanilla multi-task model (``<models>/vanilla``)."""
+
+    def __init__(self, models_dir: str, threads: int = 1):
+        self.stage = VanillaStage(models_dir, threads)
+
+    def label_set_name(self) -> str:
+        return self.stage.label_set_name()
+
+    def predict(self, rows: list[dict]):
+        return self.stage.predict(rows)
+
+
+@serve.deployment(name="LLMRefiner", ray_actor_options={"num_cpus": 1})
+class LLMRefiner:
+    """Lantern's LLM prompting per receptive field (llama.cpp in the replica, or an HTTP server)."""
+
+    def __init__(self, models_dir: str, llm: dict, threads: int = 1):
+        self.stage = RefinerStage(models_dir, llm, threads)
+
+    def refine(self, rows: list[dict], vanilla, targets: list[int]) -> dict:
+        return self.stage.refine(rows, vanilla, targets)
+
+
+@serve.deployment(name="Fusion", ray_actor_options={"num_cpus": 0.25})
+class Fusion:
+    """Receptive-field-aware attention fusion (``<models>/fusion``)."""
+
+    def __init__(self, models_dir: str, threads: int = 1):
+        self.stage = FusionStage(models_dir, threads)
+
+    def fuse(self, vanilla, refined: dict):
+        return self.stage.fuse(vanilla, refined)
+
+
+@serve.deployment(name="MLLM", ray_actor_options={"num_cpus": 1})
+class MLLM:
+    """The fine-tuned multimodal LLM (``<models>/mllm``), one more ensemble member."""
+
+    def __init__(self, models_dir: str, threads: int = 1):
+        self.stage = MLLMStage(models_dir, threads)
+
+    def predict(self, rows: list[dict]):
+        return self.stage.predict(rows)

@@ -1,0 +1,102 @@
+"""Feature extraction for served requests: the extract pipeline's own stage classes, on one dialogue.
+
+Text goes through the packaged MiniLM (:class:`mer_ray.features.text.TextStage`).
+When an utterance carries ``video_b64``/``audio_b64``, the decoded bytes are
+written to a fresh temporary directory owned by this process, and the extract
+pipeline's decode/face/expression/audio stages run on those files only: the
+media root is that directory, and the file names are ours, so no request can
+name a server file. Rows come out in the feature-store layout (nulls, never
+zeros, where a feature could not be computed).
+"""
+
+from __future__ import annotations
+
+import base64
+import tempfile
+from pathlib import Path
+
+from mer_ray.serve.schemas import decode_media
+
+
+class MediaError(ValueError):
+    """An uploaded clip could not be decoded at all (answered with 422)."""
+
+
+_FEATURES = ("text_embedding", "face_embedding", "face_probs", "audio_egemaps", "image_embedding", "audio_embedding")
+
+
+class FeaturizerStage:
+    """``featurize(utterances) -> rows``; callable without Ray.
+
+    Args:
+        threads: ``torch.set_num_threads`` for the encoders.
+        extract_config: settings of the media stages (an ``ExtractConfig`` dict); None: defaults.
+    """
+
+    def __init__(self, threads: int = 1, extract_config: dict | None = None):
+        from mer_ray.features.text import TextStage
+
+        self.text = TextStage(threads=threads)
+        self.threads, self.extract_config = threads, extract_config or {}
+        self._media = None  # loaded on the first request that sends media
+
+    def _media_stages(self) -> list:
+        if self._media is None:
+            from mer_ray.features.config import load_config
+            from mer_ray.features.stages import build_stages, load_class
+
+            cfg = load_config({**self.extract_config, "text": False, "torch_threads": self.threads})
+            specs = build_stages(cfg, media_root=None, has_media=True)
+            # decode is rebuilt per request (its media root is the request's temp dir); the encoders load once
+            self._media = [(s, load_class(s.cls), None if "media_root" in s.kwargs else load_class(s.cls)(**s.kwargs))
+                           for s in specs]
+        return self._media
+
+    def _run_media(self, utterances: list[dict], idx: list[int]) -> dict[int, dict]:
+        from mer_ray.features.columns import finalize
+
+        with tempfile.TemporaryDirectory(prefix="mer-serve-") as tmp:
+            batch: dict[str, list] = {"_row": [], "dialogue_id": [], "turn": [], "speaker": [], "text": [], "video": [], "audio": []}
+            for i in idx:
+                u = utterances[i]
+                names = {}
+                for key, col, ext in (("video_b64", "video", "mp4"), ("audio_b64", "audio", "wav")):
+                    data = u.get(key)
+                    if data is not None:
+                        raw = data if isinstance(data, bytes) else decode_media(data, key)
+                        names[col] = f"u{i}_{col}.{ext}"
+                        (Path(tmp) / names[col]).write_bytes(raw)
+                batch["_row"].append(i)
+                batch["dialogue_id"].append("request")
+                batch["turn"].append(i)
+                batch["speaker"].append(u.get("speaker", ""))
+                batch["text"].append(u.get("text", ""))
+                batch["video"].append(names.get("video"))
+                batch["audio"].append(names.get("audio"))  # None: the video's own audio track is used
+            for spec, cls, stage in self._media_stages():
+                stage = stage or cls(**{**spec.kwargs, "media_root": tmp})
+                batch.update(stage(batch))
+            batch.update(finalize(batch))
+        out = {}
+        for k, i in enumerate(batch["_row"]):
+            if batch.get("_fatal") and batch["_fatal"][k]:
+                raise MediaError(f"utterances[{i}]: the uploaded media could not be decoded: {batch['error'][k]}")
+            out[i] = {c: batch[c][k] for c in ("status", "error", *_FEATURES) if c in batch}
+        return out
+
+    def featurize(self, utterances: list[dict]) -> list[dict]:
+        """Plain dicts (``speaker``, ``text``, optional ``video_b64``/``audio_b64``) -> feature rows."""
+        emb = self.text.encode([u.get("text", "") for u in utterances])
+        rows = [{"turn": i, "speaker": u.get("speaker", ""), "text": u.get("text", ""), "text_embedding": emb[i].tolist(),
+                 "status": "ok", "error": None} for i, u in enumerate(utterances)]
+        media = [i for i, u in enumerate(utterances) if u.get("video_b64") is not None or u.get("audio_b64") is not None]
+        if media:
+            for i, feats in self._run_media(utterances, media).items():
+                feats.pop("text_embedding", None)
+                rows[i].update(feats)
+        return rows
+
+
+def b64(data: bytes) -> str:
+    """Base64 text of ``data`` (what a client puts in ``video_b64``/``audio_b64``)."""
+    return base64.b64encode(data).decode("ascii")
