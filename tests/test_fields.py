@@ -39,12 +39,13 @@ def test_stride_windows_and_end_aligned_last_window():
 
 def test_dialogue_shorter_than_window_and_whole_dialogue():
     assert receptive_fields(3, [8]) == [Field(8, 0, 3)]
+    assert receptive_fields(3, [8, None]) == [Field(8, 0, 3, merged=(None,))]
     assert receptive_fields(5, [None]) == [Field(None, 0, 5)]
     assert receptive_fields(5, [5], stride=2) == [Field(5, 0, 5)]
 
 
 def test_single_utterance_and_size_one():
-    assert receptive_fields(1, [1, 4, None]) == [Field(1, 0, 1)]  # one span: deduped
+    assert receptive_fields(1, [1, 4, None]) == [Field(1, 0, 1, merged=(4, None))]  # one span: folded
     assert receptive_fields(1, [1, 4, None], dedupe=False) == [Field(1, 0, 1), Field(4, 0, 1), Field(None, 0, 1)]
     assert receptive_fields(4, [1]) == [Field(1, i, i + 1) for i in range(4)]
     assert receptive_fields(4, [1], stride=3) == [Field(1, i, i + 1) for i in range(4)]  # stride clamped to 1
@@ -53,13 +54,16 @@ def test_single_utterance_and_size_one():
 def test_multi_size_order_and_dedupe():
     sizes = [2, 4, None]
     fields = receptive_fields(4, sizes, stride=[1, 2, 1])
-    assert fields == [Field(2, 0, 2), Field(2, 1, 3), Field(2, 2, 4), Field(4, 0, 4)]  # None's span equals size 4's
+    assert fields == [Field(2, 0, 2), Field(2, 1, 3), Field(2, 2, 4), Field(4, 0, 4, merged=(None,))]
     full = receptive_fields(4, sizes, stride=[1, 2, 1], dedupe=False)
     assert full[-1] == Field(None, 0, 4) and len(full) == 5
     _covered_per_size(full, 4, sizes)
+    for size in sizes:  # deduped, every size still covers every position through has_size
+        assert all(fields_covering([f for f in fields if f.has_size(size)], p) for p in range(4))
+    assert receptive_fields(5, [3, 3], stride=2) == receptive_fields(5, [3], stride=2)  # repeated size
     assert receptive_fields(4, sizes, stride=[1, 2, 1]) == fields  # deterministic
     assert [f.size for f in fields_covering(fields, 3)] == [2, 4]
-    assert fields_covering(fields, 0) == [Field(2, 0, 2), Field(4, 0, 4)]
+    assert fields_covering(fields, 0) == [Field(2, 0, 2), Field(4, 0, 4, merged=(None,))]
 
 
 def test_size_one_with_stride_covers_every_position():

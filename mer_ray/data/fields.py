@@ -11,13 +11,13 @@ field over the whole dialogue.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Field:
     """One receptive field over a dialogue.
 
@@ -26,17 +26,24 @@ class Field:
             short dialogue may span fewer positions than ``size``; ``end - start`` is its span.
         start: first position covered.
         end: one past the last position covered (exclusive).
+        merged: other requested sizes whose window was this very span, folded into this field
+            by ``receptive_fields(..., dedupe=True)`` (e.g. ``(None,)`` for a whole-dialogue window).
     """
 
     size: int | None
     start: int
     end: int
+    merged: tuple[int | None, ...] = ()
 
     def __len__(self) -> int:
         return self.end - self.start
 
     def covers(self, pos: int) -> bool:
         return self.start <= pos < self.end
+
+    def has_size(self, size: int | None) -> bool:
+        """Whether this field stands for requested size ``size`` (its own or a merged one)."""
+        return size == self.size or size in self.merged
 
 
 def _windows(n: int, size: int, stride: int) -> list[tuple[int, int]]:
@@ -58,10 +65,12 @@ def receptive_fields(n_turns: int, sizes: Sequence[int | None], stride: int | Se
         sizes: window sizes, each a positive int or ``None`` (the whole dialogue).
         stride: one stride for all sizes, or one per size (positive ints; ignored for ``None``).
             A stride larger than its size is clamped to the size, so no position is skipped.
-        dedupe: drop a field whose ``(start, end)`` span equals an earlier field's (e.g. sizes 8
-            and ``None`` on a 5-turn dialogue): the same span would give the same LLM prompt.
-            The kept field carries the first size that produced it, so coverage still holds for
-            every size, span-wise. With ``dedupe=False`` every size keeps its own fields.
+        dedupe: fold a field whose ``(start, end)`` span equals an earlier field's (e.g. sizes 8
+            and ``None`` on a 5-turn dialogue: the same span gives the same LLM prompt) into that
+            field: it keeps the first size as ``size`` and lists the others in ``merged``, so
+            ``[f for f in fields if f.has_size(s)]`` still covers every position for every size.
+            With ``dedupe=False`` every size keeps its own fields. A repeated size is always
+            folded: no two fields are identical.
 
     Returns:
         Fields ordered by the order of ``sizes``, then by ``start``: deterministic.
@@ -82,13 +91,16 @@ def receptive_fields(n_turns: int, sizes: Sequence[int | None], stride: int | Se
     if n_turns == 0:
         return []
     out: list[Field] = []
-    seen: set[tuple[int | None, int, int]] = set()
+    seen: dict[tuple, int] = {}  # span (or size and span) -> index in out
     for size, st in zip(sizes, strides):
         for start, end in _windows(n_turns, n_turns if size is None else size, st):
             key = (start, end) if dedupe else (size, start, end)
             if key not in seen:
-                seen.add(key)
+                seen[key] = len(out)
                 out.append(Field(size, start, end))
+            elif not out[seen[key]].has_size(size):
+                f = out[seen[key]]
+                out[seen[key]] = replace(f, merged=(*f.merged, size))
     return out
 
 

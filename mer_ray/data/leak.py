@@ -96,8 +96,9 @@ def canary_gold(table: pa.Table) -> tuple[pa.Table, set[str]]:
     """For leak tests: replace every gold value with a unique, recognisable canary.
 
     String gold becomes ``"CANARY_<column>_<row>_"``; float gold becomes a float with eleven
-    distinct digits (``0.<6 digits from row and column>13579``) that only a copy would reproduce. Feed the result to the code
-    that builds model inputs and check its output with :func:`assert_no_canaries`.
+    distinct digits (``0.<6 digits from row and column>13579``) that only a copy would reproduce.
+    Feed the result to the code that builds model inputs and check its output with
+    :func:`assert_no_canaries`.
 
     Returns:
         The table with canaries, and the canaries as strings.
