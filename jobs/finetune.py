@@ -1,0 +1,54 @@
+"""Fine-tune the multimodal LLM with Ray Train + DeepSpeed ZeRO (FARCER / Emotion-LLaMA).
+
+The entry point for `ray job submit` (each jobs/finetune_*.yaml header has the
+exact command). Reads a config, trains on the cluster the job runs on, copies
+the final adapter + projectors + JSON to ``out``, then evaluates on
+``eval.splits`` (writing ``out/eval.json``) if any are configured.
+
+    python jobs/finetune.py --config jobs/finetune_cpu.yaml [--set train.max_steps=5 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run from a job's working dir
+
+from mer_ray.train.mllm_config import FinetuneConfig, load_config  # noqa: E402
+
+__all__ = ["load_config", "main", "FinetuneConfig"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="a jobs/finetune_*.yaml")
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE", help="override, e.g. train.max_steps=5")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    import ray
+
+    from mer_ray.train.mllm import run_finetune
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address)  # inside `ray job submit`: the job's cluster
+    summary = run_finetune(cfg)
+    print("TRAINED", json.dumps({k: summary[k] for k in ("run_name", "out", "wall_seconds")}), flush=True)
+    if cfg.eval.splits and not args.no_eval:
+        from mer_ray.train.mllm_eval import run_eval
+
+        res = run_eval(cfg, cfg.out, Path(cfg.out) / "eval.json")
+        print("EVAL", json.dumps({s: {k: res["finetuned"][s][k] for k in ("n", "weighted_f1", "accuracy")} for s in cfg.eval.splits}), flush=True)
+        summary["eval"] = res
+    return summary
+
+
+if __name__ == "__main__":
+    main()
