@@ -87,16 +87,28 @@ class FusionStage:
 
 
 class MLLMStage:
-    """The fine-tuned multimodal LLM (FARCER-style adapter + projectors): rows -> [n, C]."""
+    """The fine-tuned multimodal LLM (FARCER-style adapter + projectors): rows -> [n, C].
+
+    Its projectors read feature-store columns (``mer_mllm.json``: ``model.projectors.<modality>.feature``);
+    a feature missing for an utterance is left out of the prompt, never zero-filled.
+    """
 
     def __init__(self, models_dir: str, threads: int = 1):
-        from mer_ray.predictors import MLLMPredictor
+        import json
+
+        from mer_ray.models.mllm_build import ARTIFACT_JSON
+        from mer_ray.mllm_predict import MLLMPredictor
 
         _threads(threads)
-        self.predictor = MLLMPredictor.from_dir(Path(models_dir) / "mllm")
+        art = Path(models_dir) / "mllm"
+        self.predictor = MLLMPredictor.from_dir(art)
+        meta = json.loads((art / ARTIFACT_JSON).read_text())
+        projectors = (meta.get("model") or {}).get("projectors") or {}
+        self.columns = {m: p["feature"] for m, p in projectors.items() if isinstance(p, dict) and p.get("feature")}
 
     def predict(self, rows: list[dict]) -> np.ndarray:
-        return np.asarray(self.predictor.predict_dialogue(rows)["emotion_probs"], dtype=np.float32)
+        feats = [{m: r.get(c) for m, c in self.columns.items() if r.get(c) is not None} for r in rows]
+        return np.asarray(self.predictor.predict_dialogue(rows, feats)["emotion_probs"], dtype=np.float32)
 
 
 def train_demo_models(models_dir: Path) -> None:

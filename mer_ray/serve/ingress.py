@@ -9,8 +9,7 @@ label set (422). The request bodies' OpenAPI schemas are generated from the same
 pydantic models that validate them, so the served spec cannot drift.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Serve's class-based view needs real annotations (Request).
 import hmac
 import json
 import os
