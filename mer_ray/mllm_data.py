@@ -160,7 +160,7 @@ def build_example(d: Dialogue, i: int, cfg: PromptConfig, labels: tuple[str, ...
     def turn(j: int, with_label: bool) -> list:
         r = d.rows[j]
         items: list = [f"\n{r['speaker']}:"]
-        items += [(m, v) for m, v in sorted(d.feats[j].items())] if d.feats else []
+        items += [(m, d.feats[j][m]) for m in sorted(d.feats[j], key=_modality_rank)] if d.feats else []
         text = f" {r['text']}"
         if with_label and past is not None and past[j] is not None:
             text += f" (emotion: {past[j]})"
@@ -171,6 +171,11 @@ def build_example(d: Dialogue, i: int, cfg: PromptConfig, labels: tuple[str, ...
     target = turn(i, False) + ["\nEmotion of the last utterance:"]
     r = d.rows[i]
     return Example(header, turns, target, (d.dialogue_id, int(r["turn"])), r.get("label"), r.get("explanation"))
+
+
+def _modality_rank(m: str) -> tuple[int, str]:
+    """Slot order within a turn: visual, then audio, then any other modality by name (FARCER's v_i, a_i, u_i)."""
+    return ({"visual": 0, "audio": 1}.get(m, 2), m)
 
 
 def class_weights(dialogues: list[Dialogue], labels: tuple[str, ...]) -> dict[str, float]:

@@ -132,7 +132,8 @@ def score_labels(model: MultimodalLM, batch: dict[str, torch.Tensor], label_toke
         for b in range(h.shape[0]):  # prompts differ in length; append right after each one's end
             end = int(batch["score_pos"][b]) + 1
             seq = torch.cat([emb[b, :end], tok_emb(ids[None, :-1])[0]], 0)[None]
-            hh = model.causal.get_decoder()(inputs_embeds=seq, use_cache=False).last_hidden_state[0, end - 1 :]
+            # position end + j predicts label token j + 1 (token 0 was read from the prompt's last position)
+            hh = model.causal.get_decoder()(inputs_embeds=seq, use_cache=False).last_hidden_state[0, end:]
             lp = model.logits_from_hidden(hh).log_softmax(-1)
             scores[b, k] += lp[torch.arange(len(toks) - 1, device=h.device), ids[1:]].sum()
     return scores.softmax(-1)
