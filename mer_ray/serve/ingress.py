@@ -169,8 +169,9 @@ class Ingress:
                 raise ApiError(422, f"{loc}.text: {len(u.text)} characters is over the limit of {self.cfg.max_text_chars}")
             for key in ("video_b64", "audio_b64"):
                 v = getattr(u, key)
-                if v is not None and len(v) * 3 // 4 > self.cfg.max_media_bytes:
-                    raise ApiError(413, f"{loc}.{key}: upload of about {len(v) * 3 // 4} bytes is over the limit of {self.cfg.max_media_bytes} bytes")
+                size = None if v is None else len(v) * 3 // 4 - len(v[-2:]) + len(v[-2:].rstrip("="))  # decoded bytes
+                if size is not None and size > self.cfg.max_media_bytes:
+                    raise ApiError(413, f"{loc}.{key}: upload of {size} bytes is over the limit of {self.cfg.max_media_bytes} bytes")
 
     async def _labels(self, label_set: str | None, use_llm: bool) -> tuple[str | None, bool]:
         try:
