@@ -114,7 +114,9 @@ def train_loop_per_worker(config: dict) -> None:
     while step < cfg.train.max_steps and not stop:
         stage = set_stage_lrs(optimizer, cfg, step, names)
         batches = [collate(mb, train=True) for mb in micro_batches(examples, order, step, cfg.train.micro_batch, cfg.train.grad_accum, rank, world)]
+        t_step = time.time()
         loss = train_step(engine, batches)
+        time.sleep(max(0.0, cfg.train.min_step_seconds - (time.time() - t_step)))
         step += 1
         elapsed = done_s + time.time() - t_train
         stop = _agree(cfg.train.time_budget_min is not None and elapsed > 60 * cfg.train.time_budget_min, engine.device)

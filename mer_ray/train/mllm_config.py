@@ -38,6 +38,7 @@ class TrainSettings(BaseModel):
     checkpoint_every: int = Field(50, gt=0, description="Report a DeepSpeed checkpoint to Ray every N steps.")
     seed: int = Field(0, description="Seed of weights init and data order.")
     pid_file: str | None = Field(None, description="Rank 0 writes its pid and step here after each step (fault-tolerance test).")
+    min_step_seconds: float = Field(0.0, ge=0, description="Pad each step to at least this long (demos and the fault-tolerance test, so a kill lands mid-run).")
 
     @model_validator(mode="after")
     def _stages(self) -> "TrainSettings":
