@@ -91,11 +91,13 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_resume_after_killed_run_equals_clean_run(clean_run, media_manifest):
+def test_resume_after_killed_run_equals_clean_run(ray_local, clean_run, media_manifest):
     base, manifest = media_manifest
     out = base / "killed"
+    # The command attaches to this session's own local Ray (started by ray_local), which saves two Ray starts.
+    address = ray_local.get_runtime_context().gcs_address
     cmd = [MER, "extract", "--manifest", str(manifest), "--out", str(out), "--media-root", str(base / "root"),
-           "--config", str(base / "config.json"), "--no-progress"]
+           "--config", str(base / "config.json"), "--no-progress", "--ray-address", address]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 240

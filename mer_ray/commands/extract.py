@@ -19,6 +19,8 @@ def extract(
     config: Path = typer.Option(None, help="YAML/JSON ExtractConfig (frames, encoders, per-stage CPUs/GPUs)."),
     text_only: bool = typer.Option(False, "--text-only", help="Ignore media columns; text features only."),
     progress: bool = typer.Option(True, help="Show a progress bar of utterances done."),
+    ray_address: str = typer.Option(None, help="Attach to this Ray cluster ('auto' inside `ray job submit`); "
+                                    "default: start a local Ray."),
 ) -> None:
     """Extract text, face and voice features into a Parquet feature store, on Ray Data.
 
@@ -32,7 +34,8 @@ def extract(
         cfg = load_config(config)
         if text_only:
             cfg = cfg.model_copy(update={"media": False})
-        summary = run_extract(manifest, out, media_root=media_root, config=cfg, progress=progress)
+        summary = run_extract(manifest, out, media_root=media_root, config=cfg, progress=progress,
+                              address=ray_address)
     except (ExtractError, FileNotFoundError, ValueError) as e:
         typer.echo(f"mer extract: {e}", err=True)
         raise typer.Exit(1) from None

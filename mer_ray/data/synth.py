@@ -6,8 +6,8 @@ none at all, so the task is not trivial. Labels are ``meld7``; each dialogue has
 a ``split`` (train/dev/test). Sentiment follows MELD's emotion-to-polarity map,
 and valence/arousal/dominance (1-5) are noisy label-dependent values.
 With ``media=True`` every utterance also gets a short mp4 clip (a face whose
-appearance, and a voice whose pitch and loudness, depend on the label): see
-:mod:`mer_ray.data.synth_media`.
+appearance, and a voice whose pitch and loudness, depend on the label; each
+modality is noisy on its own), written by :func:`write_clips`.
 """
 
 from __future__ import annotations
@@ -81,11 +81,44 @@ def make_rows(n_dialogues: int = 60, seed: int = 0, noise: float = 0.4) -> list[
     return rows
 
 
+#: Per label: voice pitch (Hz), loudness, and the face's gamma (brightness curve) and size (share of frame height).
+MEDIA_STYLE = {"neutral": (150, 0.20, 1.0, 0.70), "joy": (230, 0.35, 0.6, 0.80), "surprise": (290, 0.40, 0.8, 0.60),
+               "anger": (200, 0.60, 1.7, 0.75), "sadness": (115, 0.10, 1.3, 0.55), "disgust": (170, 0.30, 2.2, 0.65),
+               "fear": (260, 0.22, 0.45, 0.50)}
+
+
+def write_clips(rows: list[dict], media_dir: Path, seed: int = 0, seconds: tuple[float, float] = (1.2, 2.4),
+                fps: int = 8, width: int = 256, height: int = 192) -> None:
+    """Write one mp4 per row under ``media_dir`` and set the row's ``video`` (relative to it).
+
+    The face (matplotlib's portrait) gets a label-dependent brightness curve and size, the
+    voice a label-dependent pitch and loudness, each with per-utterance noise.
+    """
+    from mer_ray.features import synthmedia as sm
+
+    rng = np.random.default_rng(seed + 7919)
+    face = sm.portrait().astype(np.float32) / 255.0
+    for i, r in enumerate(rows):
+        f0, amp, gamma, size = MEDIA_STYLE[r["label"]]
+        dur = float(rng.uniform(*seconds))
+        g = gamma * float(np.exp(rng.normal(0, 0.25)))
+        img = (np.clip(face ** g, 0, 1) * 255).astype(np.uint8)
+        n = max(2, int(round(dur * fps)))
+        vid = sm.frames(n, width, height, img, face_height=int(height * size * float(rng.uniform(0.9, 1.1))),
+                        x=float(rng.uniform(0.35, 0.65)), seed=seed * 100003 + i)
+        wav = sm.voice(dur, f0=f0 * float(np.exp(rng.normal(0, 0.15))), amp=amp * float(np.exp(rng.normal(0, 0.3))),
+                       seed=seed * 100003 + i)
+        rel = f"clips/{r['dialogue_id'].replace('/', '_')}_t{r['turn']}.mp4"
+        sm.write_media(media_dir / rel, vid, fps, wav)
+        r["video"] = rel  # one clip per utterance, as in MELD: no start/end needed
+
+
 def make_corpus(out_dir, n_dialogues: int = 60, seed: int = 0, media: bool = False, noise: float = 0.4) -> Path:
     """Write a generated corpus to ``out_dir`` and return its manifest path (``manifest.jsonl``).
 
     Args:
-        out_dir: directory to write; media go under ``out_dir/media`` (the media root).
+        out_dir: directory to write; media go under ``out_dir/media``, the media root to pass to
+            ``mer extract`` (``video`` paths are relative to it).
         n_dialogues: dialogues to generate (4-10 turns each).
         seed: the corpus is a pure function of the arguments.
         media: also write one mp4 clip per utterance (faces, voice) and set ``video``.
@@ -95,8 +128,6 @@ def make_corpus(out_dir, n_dialogues: int = 60, seed: int = 0, media: bool = Fal
     out.mkdir(parents=True, exist_ok=True)
     rows = make_rows(n_dialogues, seed, noise)
     if media:
-        from mer_ray.data.synth_media import write_clips
-
         write_clips(rows, out / "media", seed=seed)
     path = out / "manifest.jsonl"
     with path.open("w") as f:

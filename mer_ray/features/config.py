@@ -76,8 +76,9 @@ class ExtractConfig(BaseModel):
     """The audio encoder."""
     text_stage: StageResources = StageResources(num_cpus=0.5, pool_size=1)
     """The text encoder."""
-    torch_threads: int = Field(1, ge=1)
-    """``torch.set_num_threads`` in every actor; 1 is fastest for these small models."""
+    threads: int | None = Field(1, ge=1)
+    """Threads per library (torch, OpenCV, FFmpeg) in every worker; 1 is fastest for these small
+    models when the pool gives each actor a fraction of a core. Null leaves each library's default."""
 
     @model_validator(mode="after")
     def _check(self) -> "ExtractConfig":
@@ -87,7 +88,7 @@ class ExtractConfig(BaseModel):
 
     def sha256(self) -> str:
         """Hash of the settings that change the output (resources excluded)."""
-        keep = self.model_dump(exclude={"object_store_mb", "batch_rows", "decode", "face", "expression", "image", "audio", "text_stage", "torch_threads"})
+        keep = self.model_dump(exclude={"object_store_mb", "batch_rows", "decode", "face", "expression", "image", "audio", "text_stage", "threads"})
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 

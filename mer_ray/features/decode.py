@@ -50,9 +50,12 @@ def _duration(container, stream) -> float:
     raise MediaError("unreadable media: unknown duration")
 
 
-def read_frames(container, s: float, e: float, n: int, max_width: int) -> tuple[np.ndarray, list[float]]:
+def read_frames(container, s: float, e: float, n: int, max_width: int,
+                threads: int | None = None) -> tuple[np.ndarray, list[float]]:
     """``n`` frames sampled uniformly over [s, e): uint8 [k, h, w, 3] RGB (k <= n, duplicates removed) and their times."""
     stream = container.streams.video[0]
+    if threads:
+        stream.codec_context.thread_count = threads
     if e <= s:
         return np.zeros((0, 0, 0, 3), np.uint8), []
     targets = [s + (i + 0.5) * (e - s) / n for i in range(n)]
@@ -108,7 +111,8 @@ def read_audio(container, s: float, e: float, rate: int) -> np.ndarray:
     return pcm[lo: lo + int(round((e - s) * rate))]
 
 
-def decode_row(root, video, audio, start, end, n_frames: int, max_width: int, rate: int, max_seconds: float) -> dict:
+def decode_row(root, video, audio, start, end, n_frames: int, max_width: int, rate: int, max_seconds: float,
+               threads: int | None = None) -> dict:
     """Decode one manifest row; returns the stage's columns for that row (see :class:`DecodeStage`)."""
     import av
 
@@ -132,7 +136,7 @@ def decode_row(root, video, audio, start, end, n_frames: int, max_width: int, ra
                     if vs is None:
                         problems.append(f"no video stream: {video!r} is audio-only")
                     else:
-                        frames, times = read_frames(c, s, e, n_frames, max_width)
+                        frames, times = read_frames(c, s, e, n_frames, max_width, threads)
                         if len(times) == 0 and e > s:
                             raise MediaError(f"corrupt media: no frame of {video!r} could be decoded")
                     pcm = None
@@ -174,12 +178,13 @@ class DecodeStage:
     ``_problems`` and ``_fatal`` to a batch with ``video``/``audio``/``start``/``end`` columns."""
 
     def __init__(self, media_root: str, n_frames: int = 8, max_width: int = 320, sample_rate: int = 16000,
-                 max_seconds: float = 60.0):
+                 max_seconds: float = 60.0, threads: int | None = 1):
         self.root, self.n, self.w, self.rate, self.max_s = media_root, n_frames, max_width, sample_rate, max_seconds
+        self.threads = threads
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["text"])
         get = lambda col: list(batch[col]) if col in batch else [None] * n  # noqa: E731
-        rows = [decode_row(self.root, v, a, s, e, self.n, self.w, self.rate, self.max_s)
+        rows = [decode_row(self.root, v, a, s, e, self.n, self.w, self.rate, self.max_s, self.threads)
                 for v, a, s, e in zip(get("video"), get("audio"), get("start"), get("end"))]
         return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}

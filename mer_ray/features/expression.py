@@ -14,12 +14,13 @@ class ExpressionStage:
     """Adds ``face_embedding`` (mean 128-d feature) and ``face_probs`` (mean 7 probabilities, order
     :data:`FER_LABELS`) from ``_crops``; both null for a row without a face crop (never zeros)."""
 
-    def __init__(self, weights: str | None = None, threads: int = 1):
+    def __init__(self, weights: str | None = None, threads: int | None = 1):
         import torch
 
         from mer_ray.features.fer_net import load_mini_xception
 
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
         self.torch = torch
         self.model = load_mini_xception(weights)
 

@@ -33,13 +33,14 @@ class FaceDetector:
     Args:
         min_size: smallest face side in pixels.
         scale_factor, min_neighbors: the cascade's usual knobs.
-        threads: OpenCV threads in this worker.
+        threads: OpenCV threads in this worker (None: OpenCV's default).
     """
 
-    def __init__(self, min_size: int = 24, scale_factor: float = 1.1, min_neighbors: int = 5, threads: int = 1):
+    def __init__(self, min_size: int = 24, scale_factor: float = 1.1, min_neighbors: int = 5, threads: int | None = 1):
         import cv2
 
-        cv2.setNumThreads(threads)
+        if threads:
+            cv2.setNumThreads(threads)
         self.cv2 = cv2
         self.cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
         if self.cascade.empty():
@@ -66,7 +67,7 @@ class FaceStage:
     (uint8 [k, 64, 64], k = frames with a face) from ``_frames``; a row with frames but no face
     gets the problem ``no face``."""
 
-    def __init__(self, min_size: int = 24, threads: int = 1):
+    def __init__(self, min_size: int = 24, threads: int | None = 1):
         self.detector = FaceDetector(min_size=min_size, threads=threads)
 
     def row(self, frames: np.ndarray) -> tuple[list, np.ndarray]:

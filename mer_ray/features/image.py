@@ -29,10 +29,11 @@ class ImageEncoder:
 class ImageStage:
     """Adds ``image_embedding`` [H] (mean CLS over the row's frames; null without frames)."""
 
-    def __init__(self, model_dir: str, threads: int = 1):
+    def __init__(self, model_dir: str, threads: int | None = 1):
         import torch
 
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
         self.encoder = ImageEncoder(model_dir, "cuda" if torch.cuda.is_available() else "cpu")
 
     def __call__(self, batch: dict) -> dict:

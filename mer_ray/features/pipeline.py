@@ -65,7 +65,8 @@ def _has_media(table: pa.Table) -> bool:
     return False
 
 
-def _write_shard(out: Path, shard: int, tables: list[pa.Table], manifest_cols: list[str], metadata: dict) -> None:
+def assemble(tables: list[pa.Table], manifest_cols: list[str], metadata: dict) -> pa.Table:
+    """Stage outputs -> feature-store rows: sorted, ``status``/``error`` set, every output column present."""
     t = pa.concat_tables(tables, promote_options="default")
     t = t.sort_by("_row")
     status = finalize({"_row": t.column("_row").to_pylist(),
@@ -77,7 +78,11 @@ def _write_shard(out: Path, shard: int, tables: list[pa.Table], manifest_cols: l
         if name not in t.column_names:
             t = t.append_column(name, pa.nulls(n, type=typ))
     t = t.select(manifest_cols + list(OUTPUT))
-    t = t.replace_schema_metadata({k: json.dumps(v) for k, v in metadata.items()})
+    return t.replace_schema_metadata({k: json.dumps(v) for k, v in metadata.items()})
+
+
+def _write_shard(out: Path, shard: int, tables: list[pa.Table], manifest_cols: list[str], metadata: dict) -> None:
+    t = assemble(tables, manifest_cols, metadata)
     tmp = out / f".part-{shard:05d}.parquet.tmp"
     pq.write_table(t, tmp)
     os.replace(tmp, shard_path(out, shard))
@@ -93,7 +98,8 @@ def _fit_resources(stages: list, cluster_cpus: float) -> float:
     return factor
 
 
-def run_extract(manifest, out_dir, media_root=None, config=None, progress: bool = True) -> dict:
+def run_extract(manifest, out_dir, media_root=None, config=None, progress: bool = True,
+                address: str | None = None) -> dict:
     """Extract features for every manifest row into the Parquet feature store ``out_dir``.
 
     Args:
@@ -102,6 +108,8 @@ def run_extract(manifest, out_dir, media_root=None, config=None, progress: bool 
         media_root: directory that every ``video``/``audio`` path resolves under.
         config: an :class:`ExtractConfig`, a dict, a YAML/JSON path, or None for defaults.
         progress: show a progress bar of utterances done.
+        address: a Ray cluster to attach to when Ray is not initialised (``auto``, ``ray://...``);
+            None starts a local instance (``address="local"``), never attaching by accident.
 
     Returns:
         The summary dict (also written to ``out_dir/_summary.json``).
@@ -138,21 +146,25 @@ def run_extract(manifest, out_dir, media_root=None, config=None, progress: bool 
     pending = [s for s in range(n_shards) if not shard_path(out, s).exists()]
     skipped = n_shards - len(pending)
     has_media = cfg.media and _has_media(table)
+    stage_seconds: dict = {}
     metadata = {"face_labels": list(FER_LABELS), "extract_config": cfg.model_dump(), "media_root": root}
     if pending and n:
         started = False
         if not ray.is_initialized():
-            ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                     object_store_memory=cfg.object_store_mb * 2**20,
-                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+            env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
+            if address:
+                ray.init(address=address, log_to_driver=False, runtime_env=env)
+            else:
+                ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                         object_store_memory=cfg.object_store_mb * 2**20, runtime_env=env)
             started = True
         try:
-            _run_ray(table, out, pending, cfg, root, has_media, metadata, progress)
+            stage_seconds = _run_ray(table, out, pending, cfg, root, has_media, metadata, progress)
         finally:
             if started:
                 ray.shutdown()
     summary = summarize(out)
-    summary.update(shards=n_shards, shards_skipped=skipped, seconds=round(time.time() - t0, 2), out_dir=str(out))
+    summary.update(stage_seconds=stage_seconds, shards=n_shards, shards_skipped=skipped, seconds=round(time.time() - t0, 2), out_dir=str(out))
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -177,14 +189,18 @@ def _run_ray(table, out, pending, cfg, root, has_media, metadata, progress) -> N
     ds = ray.data.from_arrow(units)
     for st in stages:
         r = st.resources
-        ds = ds.map_batches(ArrowStage, fn_constructor_args=(st.cls, st.kwargs, st.drop), batch_size=None,
+        ds = ds.map_batches(ArrowStage, fn_constructor_args=(st.name, st.cls, st.kwargs, st.drop), batch_size=None,
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=r.pool_size),
                             num_cpus=r.num_cpus * factor, num_gpus=r.num_gpus or None)
     buffers: dict[int, list] = defaultdict(list)
     got: Counter = Counter()
     manifest_cols = [c for c in table.column_names if not c.startswith("_")]
     bar = tqdm(total=sum(expected.values()), desc="extract", unit="utt", disable=not progress)
+    stage_seconds: Counter = Counter()
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for name in block.column_names:
+            if name.startswith("_sec_"):
+                stage_seconds[name[5:]] += pc.sum(block.column(name)).as_py() or 0.0
         for s in sorted(set(block.column("_shard").to_pylist())):
             part = block.filter(pc.equal(block.column("_shard"), s))
             buffers[s].append(part)
@@ -196,6 +212,7 @@ def _run_ray(table, out, pending, cfg, root, has_media, metadata, progress) -> N
     missing = {s: expected[s] - got[s] for s in expected if got[s] != expected[s]}
     if missing:
         raise ExtractError(f"pipeline lost rows in shards {missing}")
+    return {k: round(v, 3) for k, v in stage_seconds.items()}
 
 
 def summarize(out_dir) -> dict:

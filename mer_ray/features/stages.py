@@ -8,6 +8,7 @@ Ray-facing piece: Arrow in, plain dict to the stage, Arrow out.
 from __future__ import annotations
 
 import importlib
+import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -40,13 +41,18 @@ def load_class(path: str):
 class ArrowStage:
     """Ray Data actor: builds the stage once, then maps Arrow blocks through it."""
 
-    def __init__(self, cls: str, kwargs: dict, drop: tuple[str, ...] = ()):
+    def __init__(self, name: str, cls: str, kwargs: dict, drop: tuple[str, ...] = ()):
+        self.name = name
         self.stage = load_class(cls)(**kwargs)
         self.drop = drop
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
         out = to_table(self.stage(table.to_pydict()), base=table)
-        return out.drop_columns([c for c in self.drop if c in out.column_names])
+        out = out.drop_columns([c for c in self.drop if c in out.column_names])
+        # Seconds this stage spent, spread over the block's rows; the driver sums them per stage.
+        sec = (time.perf_counter() - t0) / max(1, table.num_rows)
+        return out.append_column(f"_sec_{self.name}", pa.array([sec] * out.num_rows, pa.float64()))
 
 
 def build_stages(cfg: ExtractConfig, media_root: str | None, has_media: bool) -> list[StageSpec]:
@@ -55,23 +61,23 @@ def build_stages(cfg: ExtractConfig, media_root: str | None, has_media: bool) ->
     if has_media:
         st.append(StageSpec("decode", "mer_ray.features.decode:DecodeStage",
                             dict(media_root=media_root, n_frames=cfg.n_frames, max_width=cfg.max_width,
-                                 sample_rate=cfg.sample_rate, max_seconds=cfg.max_seconds), cfg.decode))
+                                 sample_rate=cfg.sample_rate, max_seconds=cfg.max_seconds, threads=cfg.threads), cfg.decode))
         if cfg.faces:
-            st.append(StageSpec("face", "mer_ray.features.faces:FaceStage", dict(min_size=cfg.face_min_size),
+            st.append(StageSpec("face", "mer_ray.features.faces:FaceStage", dict(min_size=cfg.face_min_size, threads=cfg.threads),
                                 cfg.face, needs=("_frames", "_frame_shape")))
             st.append(StageSpec("expression", "mer_ray.features.expression:ExpressionStage",
-                                dict(threads=cfg.torch_threads), cfg.expression, needs=("_crops",)))
+                                dict(threads=cfg.threads), cfg.expression, needs=("_crops",)))
         if cfg.image_model_dir:
             st.append(StageSpec("image", "mer_ray.features.image:ImageStage",
-                                dict(model_dir=cfg.image_model_dir, threads=cfg.torch_threads), cfg.image,
+                                dict(model_dir=cfg.image_model_dir, threads=cfg.threads), cfg.image,
                                 needs=("_frames", "_frame_shape")))
         if cfg.audio_encoder != "none":
             st.append(StageSpec("audio", "mer_ray.features.audio:AudioStage",
                                 dict(encoder=cfg.audio_encoder, model_dir=cfg.audio_model_dir,
-                                     sample_rate=cfg.sample_rate, threads=cfg.torch_threads), cfg.audio, needs=("_audio",)))
+                                     sample_rate=cfg.sample_rate, threads=cfg.threads), cfg.audio, needs=("_audio",)))
     if cfg.text:
         st.append(StageSpec("text", "mer_ray.features.text:TextStage",
-                            dict(model_dir=cfg.text_model_dir, threads=cfg.torch_threads), cfg.text_stage))
+                            dict(model_dir=cfg.text_model_dir, threads=cfg.threads), cfg.text_stage))
     for i, s in enumerate(st):
         later = {c for t in st[i + 1:] for c in t.needs}
         s.drop = tuple(c for c in MEDIA_COLUMNS if c not in later)

@@ -13,10 +13,11 @@ class TextStage:
         threads: ``torch.set_num_threads`` for this worker.
     """
 
-    def __init__(self, model_dir: str | None = None, threads: int = 1):
+    def __init__(self, model_dir: str | None = None, threads: int | None = 1):
         import torch
 
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
         if model_dir:
             from sentence_transformers import SentenceTransformer
 
