@@ -112,7 +112,11 @@ class MLLMStage:
 
 
 def train_demo_models(models_dir: Path) -> None:
-    """Train the ``make demo`` models into ``models_dir`` (the demo's own stages, progress shown)."""
-    from mer_ray.demo import train_models
+    """Train the ``make demo`` models into ``models_dir`` (= ``<demo run>/models``) with the demo's own stages.
 
-    train_models(models_dir.parent, progress=True)
+    Runs :data:`mer_ray.demo.STAGES` (progress printed by the demo) except a stage named ``serve``,
+    which would start a second server.
+    """
+    from mer_ray.demo import STAGES, run_demo
+
+    run_demo(Path(models_dir).parent, stages=[(n, f) for n, f in STAGES if n != "serve"])
