@@ -45,7 +45,10 @@ class FeaturizerStage:
             from mer_ray.features.config import load_config
             from mer_ray.features.stages import build_stages, load_class
 
-            cfg = load_config({**self.extract_config, "text": False, "torch_threads": self.threads})
+            from mer_ray.features.config import ExtractConfig
+
+            key = "threads" if "threads" in ExtractConfig.model_fields else "torch_threads"
+            cfg = load_config({**self.extract_config, "text": False, key: self.threads})
             specs = build_stages(cfg, media_root=None, has_media=True)
             # decode is rebuilt per request (its media root is the request's temp dir); the encoders load once
             self._media = [(s, load_class(s.cls), None if "media_root" in s.kwargs else load_class(s.cls)(**s.kwargs))
