@@ -51,7 +51,7 @@ class AudioStage:
     null where there is no audio (the decode stage gave the reason) or it is too short."""
 
     def __init__(self, encoder: str = "egemaps", model_dir: str | None = None, sample_rate: int = 16000,
-                 threads: int | None = 1):
+                 threads: int | None = 1, device: str = "cpu"):
         self.rate = sample_rate
         if encoder == "egemaps":
             self.encoder, self.column = EgemapsEncoder(), "audio_egemaps"
@@ -60,7 +60,6 @@ class AudioStage:
 
             if threads:
                 torch.set_num_threads(threads)
-            device = "cuda" if torch.cuda.is_available() else "cpu"
             self.encoder, self.column = HFAudioEncoder(model_dir, device), "audio_embedding"
         else:
             raise ValueError(f"unknown audio encoder {encoder!r}; expected 'egemaps' or 'hf'")

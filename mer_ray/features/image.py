@@ -29,12 +29,12 @@ class ImageEncoder:
 class ImageStage:
     """Adds ``image_embedding`` [H] (mean CLS over the row's frames; null without frames)."""
 
-    def __init__(self, model_dir: str, threads: int | None = 1):
+    def __init__(self, model_dir: str, threads: int | None = 1, device: str = "cpu"):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
-        self.encoder = ImageEncoder(model_dir, "cuda" if torch.cuda.is_available() else "cpu")
+        self.encoder = ImageEncoder(model_dir, device)
 
     def __call__(self, batch: dict) -> dict:
         out = []

@@ -55,6 +55,11 @@ class ArrowStage:
         return out.append_column(f"_sec_{self.name}", pa.array([sec] * out.num_rows, pa.float64()))
 
 
+def _device(r: StageResources) -> str:
+    """Encoders given GPUs run on CUDA."""
+    return "cuda" if r.num_gpus > 0 else "cpu"
+
+
 def build_stages(cfg: ExtractConfig, media_root: str | None, has_media: bool) -> list[StageSpec]:
     """The stages the config asks for, in order, with the media columns each can drop after it."""
     st: list[StageSpec] = []
@@ -66,18 +71,18 @@ def build_stages(cfg: ExtractConfig, media_root: str | None, has_media: bool) ->
             st.append(StageSpec("face", "mer_ray.features.faces:FaceStage", dict(min_size=cfg.face_min_size, threads=cfg.threads),
                                 cfg.face, needs=("_frames", "_frame_shape")))
             st.append(StageSpec("expression", "mer_ray.features.expression:ExpressionStage",
-                                dict(threads=cfg.threads), cfg.expression, needs=("_crops",)))
+                                dict(threads=cfg.threads, device=_device(cfg.expression)), cfg.expression, needs=("_crops",)))
         if cfg.image_model_dir:
             st.append(StageSpec("image", "mer_ray.features.image:ImageStage",
-                                dict(model_dir=cfg.image_model_dir, threads=cfg.threads), cfg.image,
+                                dict(model_dir=cfg.image_model_dir, threads=cfg.threads, device=_device(cfg.image)), cfg.image,
                                 needs=("_frames", "_frame_shape")))
         if cfg.audio_encoder != "none":
             st.append(StageSpec("audio", "mer_ray.features.audio:AudioStage",
                                 dict(encoder=cfg.audio_encoder, model_dir=cfg.audio_model_dir,
-                                     sample_rate=cfg.sample_rate, threads=cfg.threads), cfg.audio, needs=("_audio",)))
+                                     sample_rate=cfg.sample_rate, threads=cfg.threads, device=_device(cfg.audio)), cfg.audio, needs=("_audio",)))
     if cfg.text:
         st.append(StageSpec("text", "mer_ray.features.text:TextStage",
-                            dict(model_dir=cfg.text_model_dir, threads=cfg.threads), cfg.text_stage))
+                            dict(model_dir=cfg.text_model_dir, threads=cfg.threads, device=_device(cfg.text_stage)), cfg.text_stage))
     for i, s in enumerate(st):
         later = {c for t in st[i + 1:] for c in t.needs}
         s.drop = tuple(c for c in MEDIA_COLUMNS if c not in later)

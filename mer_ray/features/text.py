@@ -10,10 +10,11 @@ class TextStage:
 
     Args:
         model_dir: a local sentence-transformers directory; None uses the packaged MiniLM.
-        threads: ``torch.set_num_threads`` for this worker.
+        threads: ``torch.set_num_threads`` for this worker (None: torch's default).
+        device: ``cpu`` or ``cuda`` (the pipeline passes ``cuda`` when the stage is given GPUs).
     """
 
-    def __init__(self, model_dir: str | None = None, threads: int | None = 1):
+    def __init__(self, model_dir: str | None = None, threads: int | None = 1, device: str = "cpu"):
         import torch
 
         if threads:
@@ -26,6 +27,7 @@ class TextStage:
             from mer_ray.assets import minilm
 
             self.model = minilm()
+        self.model.to(device)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Embeddings [n, 384] float32 of ``texts`` (None counts as empty)."""
