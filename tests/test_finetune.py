@@ -199,8 +199,12 @@ def test_ray_job_submit_cpu_config_then_predict(meld_dir, tmp_path):
                 f"ray.storage_path={tmp_path / 'ray_results'}"]
         submit = [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
                   "--", "python", "jobs/finetune.py", "--config", "jobs/finetune_cpu.yaml", *[a for s in sets for a in ("--set", s)]]
-        job = subprocess.run(submit, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=900)
-        log = job.stdout + job.stderr
+        for _ in range(12):  # the head's job agent comes up a few seconds after `ray start` returns
+            job = subprocess.run(submit, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=900)
+            log = job.stdout + job.stderr
+            if "No available agent" not in log:
+                break
+            time.sleep(5)
         assert job.returncode == 0, log[-4000:]
         assert re.search(r"Job '[^']+' succeeded", log), log[-4000:]
         assert "TRAINED" in log

@@ -62,7 +62,7 @@ def plain_steps(base: str, batches: list[dict], threads: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return {"times": times, "losses": losses, "startup_seconds": startup, "threads": torch.get_num_threads()}
 
 
@@ -86,9 +86,11 @@ def _ray_loop(config: dict) -> None:
         engine.backward(loss)
         engine.step()
         times.append(time.perf_counter() - t)
-        losses.append(float(loss))
-    ray.train.report({"times": times, "losses": losses, "first_step_wall": first, "threads": torch.get_num_threads(),
-                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
+        losses.append(float(loss.detach()))
+    res = {"times": times, "losses": losses, "first_step_wall": first, "threads": torch.get_num_threads(),
+           "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    Path(config["result_file"]).write_text(json.dumps(res))  # same machine (1 local worker); Result.metrics keeps checkpointed reports only
+    ray.train.report(res)
 
 
 def ray_steps(base: str, batches_file: str, threads: int, batch: int) -> dict:
@@ -102,12 +104,15 @@ def ray_steps(base: str, batches_file: str, threads: int, batch: int) -> dict:
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}})
     init_s = time.time() - t0
     try:
-        trainer = TorchTrainer(_ray_loop, train_loop_config={"base": base, "batches": batches_file, "threads": threads, "batch": batch},
+        result_file = str(Path(batches_file).with_suffix(".ray.json"))
+        trainer = TorchTrainer(_ray_loop, train_loop_config={"base": base, "batches": batches_file, "threads": threads, "batch": batch,
+                                                             "result_file": result_file},
                                scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
                                torch_config=TorchConfig(backend="gloo"),
                                run_config=RunConfig(name=f"bench-train-{os.getpid()}-{int(t0)}", storage_path=tempfile.mkdtemp(prefix="mer-bench-")))
         t1 = time.time()
-        m = trainer.fit().metrics
+        trainer.fit()
+        m = json.loads(Path(result_file).read_text())
     finally:
         ray.shutdown()
     return {**m, "ray_init_seconds": init_s, "startup_seconds": m["first_step_wall"] - t1}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -77,8 +78,16 @@ def micro_batches(examples: list, order: list[int], step: int, micro: int, accum
     return [[examples[i] for i in mine[k * micro : (k + 1) * micro]] for k in range(accum)]
 
 
+def fix_cuda_arch_env() -> None:
+    """DeepSpeed's op builder reads TORCH_CUDA_ARCH_LIST as numbers; CUDA images that set '9.0a' break it: use '9.0'."""
+    v = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if v and re.search(r"\d[a-zA-Z]", v):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d+\.\d+)[a-zA-Z]+", r"\1", v)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: build the model, DeepSpeed, resume if a checkpoint exists, train, report."""
+    fix_cuda_arch_env()
     import deepspeed
     import ray.train
 

@@ -1,0 +1,124 @@
+"""Check the GPU path of a fine-tuning config in one process, without Ray: DeepSpeed (NCCL, world 1) from the
+config's DeepSpeed JSON, bf16, the same model, batches and step function as the Ray job; then export the
+artifacts, reload them without DeepSpeed and score a dev subset. Prints one JSON line of figures.
+
+For a GPU machine that lacks Ray (or to isolate DeepSpeed from Ray). ``--random-init`` builds the base
+model from its config.json with random weights (when the weights cannot be copied to the machine): the
+figures are then throughput and plumbing, not quality.
+
+    python jobs/gpu_check.py --config jobs/finetune_gpu_8b.yaml --set model.base=/models/Meta-Llama-3-8B-Instruct \
+        --set data.meld_dir=/data/meld --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps (the first 3 are warm-up, untimed)")
+    p.add_argument("--eval-n", type=int, default=100, help="dev utterances scored after reloading the artifacts")
+    p.add_argument("--random-init", action="store_true", help="random weights from the base's config.json")
+    p.add_argument("--out", default=None, help="where artifacts go (default: a temp dir)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}.items():
+        os.environ.setdefault(k, v)
+
+    from mer_ray.train.mllm import fix_cuda_arch_env
+
+    fix_cuda_arch_env()
+    import deepspeed
+    import numpy as np
+    import torch
+
+    from mer_ray.data.labels import get_label_set
+    from mer_ray.mllm_data import Collator, load_split, stratified_keys
+    from mer_ray.mllm_predict import MLLMPredictor, evaluate
+    from mer_ray.models.mllm_build import build_model, save_artifacts, set_trainable, trainable_groups
+    from mer_ray.train.mllm import artifact_meta, make_examples, micro_batches, set_stage_lrs, train_step
+    from mer_ray.train.mllm_config import deepspeed_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    work = Path(args.out or tempfile.mkdtemp(prefix="mer-gpu-check-"))
+    if args.random_init:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        src = Path(cfg.model.base)
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=getattr(torch, cfg.model.dtype))
+        m.save_pretrained(work / "base")
+        AutoTokenizer.from_pretrained(src).save_pretrained(work / "base")
+        cfg.model.base = str(work / "base")
+        del m
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    t0 = time.time()
+    if cfg.train.mode == "projector":
+        cfg.model.lora = None
+    model, tok = build_model(cfg.model)
+    set_trainable(model)
+    examples, _, shots, weights = make_examples(cfg, cfg.data.train_split)
+    labels = get_label_set(cfg.model.label_set).labels
+    collate = Collator(tok, labels, weights, cfg.prompt.max_tokens)
+    groups = trainable_groups(model)
+    names = list(groups)
+    params = [{"params": groups[n], "lr": cfg.train.projector_lr if n == "projector" else cfg.train.lr} for n in names]
+    ds_cfg = deepspeed_config(cfg, 1)
+    client = None if "optimizer" in ds_cfg else torch.optim.AdamW(params)
+    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=client, model_parameters=None if client else params, config=ds_cfg)
+    startup = time.time() - t0
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
+    times, toks, losses = [], 0, []
+    for step in range(args.steps):
+        set_stage_lrs(opt, cfg, step, names)
+        batches = [collate(mb, train=True) for mb in micro_batches(examples, order, step, cfg.train.micro_batch, cfg.train.grad_accum, 0, 1)]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        losses.append(train_step(engine, batches))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if step >= 3:
+            times.append(time.perf_counter() - t)
+            toks += sum(int(b["attention_mask"].sum()) for b in batches)
+    state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else model.state_dict()
+    save_artifacts(work / "export", state, model, artifact_meta(cfg, shots, weights, labels, {"step": args.steps, "loss": losses[-1], "train_seconds": sum(times)}))
+    del engine, opt, model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    pred = MLLMPredictor.from_dir(work / "export", batch_size=cfg.eval.batch_size)
+    pred.model.to("cuda" if torch.cuda.is_available() else "cpu")
+    mods = {m: pc.feature for m, pc in cfg.model.projectors.items()}
+    dev = load_split(cfg.data.model_copy(update={"max_dialogues": {}}), "dev", mods)
+    t = time.time()
+    probs = pred.predict(dev, stratified_keys(dev, args.eval_n, 0), progress=False)
+    score_s = time.time() - t
+    rows = np.stack(list(probs.values()))
+    res = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "base": cfg.model.base, "random_init": args.random_init, "deepspeed": cfg.deepspeed,
+        "zero_stage": ds_cfg["zero_optimization"]["stage"], "bf16": ds_cfg.get("bf16", {}).get("enabled"),
+        "startup_seconds": round(startup, 2), "timed_steps": len(times), "step_seconds_mean": sum(times) / max(1, len(times)),
+        "train_tokens_per_s": toks / max(1e-9, sum(times)), "loss_first_last": [losses[0], losses[-1]],
+        "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "eval_n": len(probs), "eval_utterances_per_s": len(probs) / score_s,
+        "distributions_ok": bool(np.allclose(rows.sum(1), 1.0, atol=1e-3)),
+        "dev_subset": {k: v for k, v in evaluate(probs, dev, labels).items() if k in ("weighted_f1", "accuracy")},
+        "artifacts": str(work / "export"),
+    }
+    print("GPU_CHECK", json.dumps(res), flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    main()
