@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mer_ray.models.tokens import encode, utterance_string
+from mer_ray.models.tokens import encode, special_ids, utterance_string
 from mer_ray.models.vanilla import MODALITY_DIMS, VanillaConfig
 
 
@@ -114,12 +114,8 @@ def speaker_slots(speakers: Sequence[str], max_speakers: int) -> list[int]:
     return [min(seen.setdefault(s, len(seen)), max_speakers - 1) for s in speakers]
 
 
-def collate(dialogues: Sequence[Dialogue], cfg: VanillaConfig, chunk_size: int = 16, with_targets: bool = True) -> dict:
-    """Pad a list of dialogues into one batch (see ``VanillaModel.forward`` for the keys).
-
-    Utterance tokens are sorted by length and cut into chunks of ``chunk_size`` padded to each
-    chunk's longest, so padding stays small.
-    """
+def collate(dialogues: Sequence[Dialogue], cfg: VanillaConfig, chunk_tokens: int = 1024, with_targets: bool = True) -> dict:
+    """Pad a list of dialogues into one batch (see ``VanillaModel.forward`` for the keys)."""
     B, T = len(dialogues), max(len(d) for d in dialogues)
     utt_mask = torch.zeros(B, T, dtype=torch.bool)
     speaker = torch.zeros(B, T, dtype=torch.long)
@@ -136,19 +132,7 @@ def collate(dialogues: Sequence[Dialogue], cfg: VanillaConfig, chunk_size: int =
             p[b, : len(d)] = torch.from_numpy(d.present[m])
         batch[m], batch[f"{m}_mask"] = x, p
     if cfg.encoder != "frozen":
-        flat = [ids for d in dialogues for ids in d.token_ids]  # row-major order of utt_mask
-        order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
-        chunks = []
-        for c in range(0, len(order), chunk_size):
-            pos = order[c : c + chunk_size]
-            L = max(len(flat[i]) for i in pos)
-            ids = torch.zeros(len(pos), L, dtype=torch.long)
-            att = torch.zeros(len(pos), L, dtype=torch.long)
-            for r, i in enumerate(pos):
-                ids[r, : len(flat[i])] = torch.tensor(flat[i])
-                att[r, : len(flat[i])] = 1
-            chunks.append((ids, att, torch.tensor(pos)))
-        batch["chunks"] = chunks
+        batch["chunks"] = token_chunks(dialogues, cfg, chunk_tokens)
     if with_targets and dialogues[0].emotion is not None:
         emo = torch.full((B, T), -1, dtype=torch.long)
         sent = torch.full((B, T), -1, dtype=torch.long)
@@ -163,6 +147,61 @@ def collate(dialogues: Sequence[Dialogue], cfg: VanillaConfig, chunk_size: int =
             vad[b, : len(d)] = torch.nan_to_num(v)
         batch.update(emotion=emo, sentiment=sent, vad=vad, vad_mask=vmask)
     return batch
+
+
+def token_chunks(dialogues: Sequence[Dialogue], cfg: VanillaConfig, chunk_tokens: int = 1024) -> list[tuple]:
+    """Encoder inputs for a batch: sequences (one utterance each, or packed dialogue windows) sorted
+    by length and grouped so each chunk holds about ``chunk_tokens`` padded tokens.
+
+    Each chunk is (ids [n, L], attention [n, L], pool [n, U, L], sel [k], pos [k]); an utterance's span
+    is its tokens plus the [SEP] after it, and ``pos`` indexes utterances in row-major batch order.
+    """
+    cls_id, sep_id = special_ids()
+    seqs: list[list[tuple[int, list[int]]]] = []  # each: [(flat utterance index, ids), ...]
+    k = 0
+    for d in dialogues:
+        cur: list[tuple[int, list[int]]] = []
+        used = 1
+        for ids in d.token_ids:
+            n = len(ids) + 1
+            if cur and (cfg.text_context == "utterance" or used + n > cfg.window_tokens):
+                seqs.append(cur)
+                cur, used = [], 1
+            cur.append((k, ids))
+            used += n
+            k += 1
+        seqs.append(cur)
+    seq_len = [1 + sum(len(ids) + 1 for _, ids in q) for q in seqs]
+    order = sorted(range(len(seqs)), key=lambda i: seq_len[i])
+    groups, cur = [], []
+    for i in order:  # ascending lengths: the last member sets the padded width
+        if cur and (len(cur) + 1) * seq_len[i] > chunk_tokens:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        groups.append(cur)
+    chunks = []
+    for g in groups:
+        L = max(seq_len[i] for i in g)
+        U = max(len(seqs[i]) for i in g)
+        ids_t = torch.zeros(len(g), L, dtype=torch.long)
+        att = torch.zeros(len(g), L, dtype=torch.long)
+        pool = torch.zeros(len(g), U, L)
+        sel, pos = [], []
+        for r, i in enumerate(g):
+            row, spans = [cls_id], []
+            for _, ids in seqs[i]:
+                spans.append((len(row), len(row) + len(ids) + 1))
+                row += list(ids) + [sep_id]
+            ids_t[r, : len(row)] = torch.tensor(row)
+            att[r, : len(row)] = 1
+            for u, ((utt, _), (a, b)) in enumerate(zip(seqs[i], spans)):
+                pool[r, u, a:b] = 1.0 / (b - a)
+                sel.append(r * U + u)
+                pos.append(utt)
+        chunks.append((ids_t, att, pool, torch.tensor(sel), torch.tensor(pos)))
+    return chunks
 
 
 def length_batches(dialogues: Sequence[Dialogue], max_utterances: int, rng: np.random.Generator | None = None) -> list[list[int]]:

@@ -28,5 +28,12 @@ def utterance_string(speaker: str, text: str) -> str:
 
 
 def encode(strings: list[str], max_tokens: int) -> list[list[int]]:
-    """Token ids per string, truncated to ``max_tokens`` (with [CLS]/[SEP]), unpadded."""
-    return tokenizer()(strings, truncation=True, max_length=max_tokens, add_special_tokens=True)["input_ids"]
+    """Token ids per string without special tokens, truncated to ``max_tokens - 2`` (room for
+    [CLS]/[SEP] when the utterance stands alone)."""
+    return tokenizer()(strings, truncation=True, max_length=max_tokens - 2, add_special_tokens=False)["input_ids"]
+
+
+def special_ids() -> tuple[int, int]:
+    """([CLS], [SEP]) ids of the MiniLM vocabulary."""
+    tok = tokenizer()
+    return tok.cls_token_id, tok.sep_token_id

@@ -51,6 +51,12 @@ class VanillaConfig(BaseModel):
     """Whether to have a valence/arousal/dominance regression head."""
     max_tokens: int = Field(48, ge=8)
     """Token budget per utterance for the fine-tuned encoder (``Speaker: text``)."""
+    text_context: Literal["utterance", "dialogue"] = "dialogue"
+    """Fine-tuned encoder input: each utterance alone (``[CLS] u [SEP]``), or consecutive utterances
+    of a dialogue packed into one sequence (``[CLS] u1 [SEP] u2 [SEP] ...``, each utterance mean-pooled
+    over its own tokens) so words attend across turns at no extra tokens."""
+    window_tokens: int = Field(256, ge=16, le=512)
+    """Longest packed sequence (``dialogue`` context); longer dialogues are cut into windows."""
     freeze_embeddings: bool = True
     """Keep the encoder's token embeddings fixed (half of MiniLM's weights; saves optimiser time)."""
     freeze_layers: int = Field(0, ge=0)
@@ -66,18 +72,17 @@ class VanillaConfig(BaseModel):
 
 
 class MeanPooledEncoder(nn.Module):
-    """A Hugging Face encoder with mean pooling over real tokens (sentence-transformers style)."""
+    """A Hugging Face encoder with mean pooling over token spans (sentence-transformers style)."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.dim = backbone.config.hidden_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[N, L] ids and mask -> [N, dim] mean of the last hidden states over real tokens."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        """[n, L] ids and mask, [n, U, L] pooling weights (rows sum to 1 over a span) -> [n, U, dim]."""
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return torch.bmm(pool, h)
 
 
 class VanillaModel(nn.Module):
@@ -116,8 +121,8 @@ class VanillaModel(nn.Module):
             # Utterances arrive as length-sorted chunks; scatter them back to [N, dim] in row-major order.
             n = int(utt_mask.sum())
             flat = torch.zeros(n, self.text_encoder.dim, device=utt_mask.device)
-            for ids, att, pos in batch["chunks"]:
-                flat[pos] = self.text_encoder(ids, att)
+            for ids, att, pool, sel, pos in batch["chunks"]:
+                flat[pos] = self.text_encoder(ids, att, pool).reshape(-1, self.text_encoder.dim)[sel]
             b, t = utt_mask.nonzero(as_tuple=True)
             x = x.index_put((b, t), self.text_proj(flat), accumulate=True)
         return x
@@ -128,7 +133,8 @@ class VanillaModel(nn.Module):
         Args:
             batch: ``utt_mask`` [B, T] bool, ``speaker`` [B, T] long; per frozen modality ``m``:
                 ``m`` [B, T, d] float and ``m_mask`` [B, T] bool; with a text encoder ``chunks``:
-                a list of (ids [n, L], attention [n, L], positions [n]) into the N real utterances.
+                a list of (ids [n, L], attention [n, L], pool [n, U, L], sel [k], pos [k]): pooled span
+                ``sel`` (index into n*U) is real utterance ``pos`` (index into the N, row-major).
 
         Returns:
             ``emotion`` [B, T, C] logits, ``sentiment`` [B, T, S] logits (if the head exists),
