@@ -62,9 +62,11 @@ class ExtractConfig(BaseModel):
     batch_rows: int = Field(8, ge=1)
     """Rows per Ray block and per batch in every stage. Small, so memory stays bounded (frames of
     at most this many utterances are in flight per stage task) whatever the number of videos."""
+    text_batch_rows: int = Field(64, ge=1)
+    """Rows per block when no media stage runs (text only): bigger batches for MiniLM."""
     object_store_mb: int = Field(256, ge=64)
     """Object store size when ``run_extract`` starts its own local Ray."""
-    decode: StageResources = StageResources(num_cpus=0.5, pool_size=2)
+    decode: StageResources = StageResources(num_cpus=0.5, pool_size=1)
     """Decoding (PyAV)."""
     face: StageResources = StageResources(num_cpus=0.5, pool_size=2)
     """Haar face detection and crops."""
@@ -88,7 +90,7 @@ class ExtractConfig(BaseModel):
 
     def sha256(self) -> str:
         """Hash of the settings that change the output (resources excluded)."""
-        keep = self.model_dump(exclude={"object_store_mb", "batch_rows", "decode", "face", "expression", "image", "audio", "text_stage", "threads"})
+        keep = self.model_dump(exclude={"object_store_mb", "batch_rows", "text_batch_rows", "decode", "face", "expression", "image", "audio", "text_stage", "threads"})
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 

@@ -177,11 +177,12 @@ def _run_ray(table, out, pending, cfg, root, has_media, metadata, progress) -> N
     n = table.num_rows
     table = table.append_column("_row", pa.array(range(n), pa.int64()))
     table = table.append_column("_shard", pc.divide(table.column("_row"), cfg.shard_size))
+    unit = cfg.batch_rows if has_media else cfg.text_batch_rows
     units, expected = [], {}
     for s in pending:
         lo, hi = s * cfg.shard_size, min(n, (s + 1) * cfg.shard_size)
         expected[s] = hi - lo
-        units += [table.slice(i, min(cfg.batch_rows, hi - i)) for i in range(lo, hi, cfg.batch_rows)]
+        units += [table.slice(i, min(unit, hi - i)) for i in range(lo, hi, unit)]
     stages = build_stages(cfg, root, has_media)
     factor = _fit_resources(stages, ray.cluster_resources().get("CPU", 1.0))
     ctx = ray.data.DataContext.get_current()
