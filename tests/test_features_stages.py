@@ -89,10 +89,20 @@ def test_corrupt_tail_and_bad_span(tmp_path):
     sm.clip(tmp_path / "ok.mp4", seconds=1.0)
     r = decode_row(str(tmp_path), "ok.mp4", None, 0.8, 0.2, 4, 320, 16000, 60)
     assert r["_fatal"] and r["_problems"][0].startswith("invalid span")
+    r = decode_row(str(tmp_path), "bad\x00name.mp4", None, None, None, 4, 320, 16000, 60)
+    assert r["_fatal"] and "bad" in r["_problems"][0]  # a hostile path fails the row, never the run
     data = (tmp_path / "ok.mp4").read_bytes()
     (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 3])  # truncated: index missing
     r = decode_row(str(tmp_path), "cut.mp4", None, None, None, 4, 320, 16000, 60)
     assert r["_fatal"] or r["_problems"], r  # never a silent ok
+
+
+def test_short_audio_is_null_with_a_reason():
+    from mer_ray.features.audio import AudioStage
+
+    pcm = sm.voice(0.05)
+    out = AudioStage()({"_audio": [pcm.tobytes()], "_problems": [[]]})
+    assert out["audio_egemaps"] == [None] and out["_problems"][0][0].startswith("audio too short")
 
 
 def test_expression_port_matches_keras_reference(decoded, monkeypatch):

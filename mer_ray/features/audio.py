@@ -71,11 +71,16 @@ class AudioStage:
             pcm = np.frombuffer(raw, np.float32) if raw else np.zeros(0, np.float32)
             vec = None
             if len(pcm) >= MIN_SECONDS * self.rate:
-                v = self.encoder(pcm.copy(), self.rate)
-                if np.isfinite(v).all():
-                    vec = v.tolist()
+                try:
+                    v = self.encoder(pcm.copy(), self.rate)
+                except Exception as err:  # noqa: BLE001 - one bad row never stops the run
+                    v = np.array([np.nan])
+                    probs.append(f"audio features failed: {type(err).__name__}: {err}")
+                if not np.isfinite(v).all():
+                    if not probs or not probs[-1].startswith("audio features failed"):
+                        probs.append("audio features not finite: the encoder returned NaN/inf")
                 else:
-                    probs.append("audio features not finite: the encoder returned NaN/inf")
+                    vec = v.tolist()
             elif len(pcm):
                 probs.append(f"audio too short: {len(pcm) / self.rate:.3f} s decoded")
             feats.append(vec)

@@ -165,6 +165,9 @@ def decode_row(root, video, audio, start, end, n_frames: int, max_width: int, ra
     except MediaError as err:
         out.update(_problems=[str(err)], _fatal=True)
         return out
+    except Exception as err:  # noqa: BLE001 - one bad row never stops the run
+        out.update(_problems=[f"unreadable media: {video or audio!r} ({type(err).__name__}: {err})"], _fatal=True)
+        return out
     if frames is not None and len(frames):
         out.update(_frames=frames.tobytes(), _frame_shape=list(frames.shape), frame_times=times, n_frames=len(frames))
     if pcm is not None:

@@ -91,8 +91,12 @@ class FaceStage:
                 out["_crops"].append(b"")
                 out["_problems"].append(probs)
                 continue
-            boxes, crops = self.row(frames)
-            if len(crops) == 0:
+            try:
+                boxes, crops = self.row(frames)
+            except Exception as err:  # noqa: BLE001 - one bad row never stops the run
+                boxes, crops = None, np.zeros((0, CROP, CROP), np.uint8)
+                probs.append(f"face detection failed: {type(err).__name__}: {err}")
+            if boxes is not None and len(crops) == 0:
                 probs.append(f"no face: no face found in any of the {len(frames)} frames")
             out["face_boxes"].append(boxes)
             out["n_face_frames"].append(len(crops))

@@ -47,8 +47,8 @@ def run_local(manifest, media_root=None, config=None, threads=_UNSET, timings: C
         stages.append((spec.name, load_class(spec.cls)(**kwargs)))
         if load_timings is not None:
             load_timings[spec.name] += time.perf_counter() - t0
+    manifest_cols = list(table.column_names)
     table = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
-    manifest_cols = [c for c in table.column_names if not c.startswith("_")]
     parts = []
     for lo in range(0, table.num_rows, cfg.batch_rows):
         chunk = table.slice(lo, cfg.batch_rows)

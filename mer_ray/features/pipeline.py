@@ -122,7 +122,7 @@ def run_extract(manifest, out_dir, media_root=None, config=None, progress: bool 
     for col in ("dialogue_id", "turn", "text"):
         if col not in table.column_names:
             raise ExtractError(f"manifest lacks the required column {col!r}")
-    clash = [c for c in table.column_names if c in OUTPUT or c in INTERNAL]
+    clash = [c for c in table.column_names if c in OUTPUT or c in INTERNAL or c.startswith("_sec_")]
     if clash:
         raise ExtractError(f"manifest columns {clash} clash with feature-store columns; drop them first")
     if media_root is None:  # paths are relative to the manifest, or to the working directory
@@ -175,6 +175,7 @@ def _run_ray(table, out, pending, cfg, root, has_media, metadata, progress) -> N
     from tqdm import tqdm
 
     n = table.num_rows
+    manifest_cols = list(table.column_names)
     table = table.append_column("_row", pa.array(range(n), pa.int64()))
     table = table.append_column("_shard", pc.divide(table.column("_row"), cfg.shard_size))
     unit = cfg.batch_rows if has_media else cfg.text_batch_rows
@@ -195,7 +196,6 @@ def _run_ray(table, out, pending, cfg, root, has_media, metadata, progress) -> N
                             num_cpus=r.num_cpus * factor, num_gpus=r.num_gpus or None)
     buffers: dict[int, list] = defaultdict(list)
     got: Counter = Counter()
-    manifest_cols = [c for c in table.column_names if not c.startswith("_")]
     bar = tqdm(total=sum(expected.values()), desc="extract", unit="utt", disable=not progress)
     stage_seconds: Counter = Counter()
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
