@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -210,10 +211,11 @@ def test_ray_job_submit_cpu_config_then_predict(meld_dir, tmp_path):
         assert "TRAINED" in log
     finally:
         _stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert (out_dir / "adapter" / "adapter_model.safetensors").exists() and (out_dir / "mer_mllm.json").exists()
     pred_out = tmp_path / "pred.parquet"
     subprocess.run([str(bin_dir / "mer"), "predict", "llm", "--model", str(out_dir), "--meld-dir", str(meld_dir), "--split", "dev",
-                    "--max-dialogues", "2", "--features", str(feats), "--out", str(pred_out)], env=env, check=True, timeout=400)
+                    "--max-dialogues", "1", "--features", str(feats), "--out", str(pred_out)], env=env, check=True, timeout=400)
     t = pq.read_table(pred_out)
     labels = json.loads(t.schema.metadata[b"emotion_labels"])
     assert labels == ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"]
