@@ -179,3 +179,16 @@ def build_queries(vanilla: pa.Table | str | Path, template: PromptTemplate, size
     types = {"field_size": pa.int64(), "field_start": pa.int64(), "field_end": pa.int64(), "target_pos": pa.int64(),
              "target_turn": pa.int64(), "dialogue_len": pa.int64(), "split": pa.string()}
     return pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in cols.items()})
+
+
+def with_content_free(queries: pa.Table, template: PromptTemplate, labels: Sequence[str],
+                      chat_template: str | None = None, bos_token: str = "", eos_token: str = "",
+                      examples: list[dict] | None = None) -> pa.Table:
+    """Append the content-free query (for contextual calibration) to a query table."""
+    from mer_ray.lantern.fusion import CF_DIALOGUE
+
+    prompt = template.render(content_free_context(labels, examples), chat_template, bos_token, eos_token)
+    row = {c: [None] for c in queries.column_names}
+    row.update({"query_id": [CF_DIALOGUE], "dialogue_id": [CF_DIALOGUE], "prompt": [prompt], "target_pos": [0],
+                "field_start": [0], "field_end": [1], "dialogue_len": [1]})
+    return pa.concat_tables([queries, pa.table(row, schema=queries.schema)])

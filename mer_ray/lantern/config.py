@@ -1,0 +1,60 @@
+"""Typed configs of the Lantern jobs (YAML in ``jobs/lantern_*.yaml``), validated on load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, Field, field_validator
+
+from mer_ray.lantern.queries import parse_sizes
+from mer_ray.llm.backends import BackendConfig
+
+
+class PromptJobConfig(BaseModel):
+    """``mer lantern prompt``: which queries, which LLM, how many engines."""
+
+    vanilla: str | None = Field(None, description="vanilla prediction Parquet (mer predict vanilla)")
+    out: str | None = Field(None, description="output directory (parts/, queries.parquet, summary.json)")
+    splits: list[str] = Field(["dev", "test"], description="splits of the vanilla file to prompt for")
+    sizes: list[int | None] = Field([4, 8, None], description="receptive-field sizes; null = whole dialogue")
+    stride: int = Field(1, ge=1, description="window stride")
+    max_dialogues: int | None = Field(None, ge=1, description="first N dialogues per split (reduced runs)")
+    template: str = Field("lantern_v1", description="prompt template name or .j2 path")
+    few_shot: int = Field(0, ge=0, description="k labelled examples from train (needs data_dir)")
+    data_dir: str | None = Field(None, description="MELD directory, for few-shot examples from train")
+    backend: BackendConfig = Field(default_factory=BackendConfig, description="the LLM")
+    actors: int = Field(1, ge=1, description="LLM engines in the actor pool")
+    cpus_per_actor: float = Field(1.0, gt=0, description="Ray CPUs reserved per engine")
+    ray_cpus: int = Field(2, ge=1, description="CPUs of the local Ray instance started if none is running")
+    seed: int = 0
+
+    @field_validator("sizes", mode="before")
+    @classmethod
+    def _sizes(cls, v):
+        return parse_sizes(v)
+
+
+class FuseConfig(BaseModel):
+    """``mer lantern fuse``: cross-fitting on dev and the report on test."""
+
+    vanilla: str | None = Field(None, description="vanilla predictions covering dev and test")
+    llm: list[str] = Field(default_factory=list, description="prompt-job output directories")
+    data_dir: str | None = Field(None, description="MELD directory (gold labels for fitting and scoring)")
+    out: str | None = Field(None, description="report directory; the fusion artifacts go to <out>/fusion/")
+    folds: int = Field(5, ge=2, description="k of k-fold cross-fitting on dev")
+    stride: int = Field(1, ge=1, description="the prompt job's stride (for the size ablation)")
+    seed: int = 0
+
+
+def load_config(cls, path: str | Path | None, **overrides):
+    """A config from YAML (optional), with non-``None`` overrides applied, validated."""
+    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    data = data or {}
+    for k, v in overrides.items():
+        if v is not None:
+            if k in ("model", "kind", "n_threads", "base_url", "gguf_file"):
+                data.setdefault("backend", {})[k] = v
+            else:
+                data[k] = v
+    return cls.model_validate(data)
