@@ -38,13 +38,36 @@ def tiny_models(root: Path, seed: int = 0) -> Path:
     return root
 
 
+def tiny_fusion(root: Path, seed: int = 0, sizes=("2", "whole")) -> Path:
+    """A ``fusion/`` dir: the Lantern fusion module built from its config with a fixed seed (not fitted)."""
+    import torch
+
+    from mer_ray.models.fusion import FusionConfig, build_fusion
+
+    d = root / "fusion"
+    d.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    torch.save(build_fusion(FusionConfig(n_classes=len(MELD7), hidden=16)).state_dict(), d / "fusion.pt")
+    meta = {"labels": MELD7, "mode": "fusion", "selected": "test", "setting": {"hidden": 16}, "calibrated": False,
+            "content_free": None, "sizes": list(sizes), "stride": 1, "backend": {"model": "smollm2-135m-instruct"}}
+    (d / "fusion.json").write_text(json.dumps(meta))
+    return root
+
+
+def has_lantern() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mer_ray.lantern.predictor") is not None
+
+
 def body(**kw) -> bytes:
     return json.dumps(kw).encode()
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    return tiny_models(tmp_path_factory.mktemp("models"))
+    root = tiny_models(tmp_path_factory.mktemp("models"))
+    return tiny_fusion(root) if has_lantern() else root
 
 
 KEY = {"Authorization": "Bearer s3cret"}
@@ -59,7 +82,8 @@ def handle(models):
     from mer_ray.serve.app import build_app
 
     os.environ["MER_TEST_KEY"] = "s3cret"  # the replica reads the key from its environment
-    h = serve.run(build_app({"models_dir": str(models), "llm": {"enabled": False}, "max_text_chars": 50,
+    # One app for the module (a second local-testing app in one process fails to pickle its FastAPI app).
+    h = serve.run(build_app({"models_dir": str(models), "llm": {"enabled": has_lantern()}, "max_text_chars": 50,
                              "max_body_bytes": 200_000, "max_media_bytes": 100_000, "api_key_env": "MER_TEST_KEY"}),
                   _local_testing_mode=True)
     return h  # local testing mode runs in this process; serve.shutdown() would start a Ray instance
@@ -202,3 +226,35 @@ def test_api_key_is_checked_when_configured(handle):
     assert status == 401 and "Authorization: Bearer" in out["error"]
     assert call(handle, payload=payload, headers={"Authorization": "Bearer wrong"})[0] == 401
     assert call(handle, payload=payload, headers={"authorization": "Bearer s3cret"})[0] == 200
+
+
+@pytest.mark.skipif(not has_lantern(), reason="mer_ray.lantern.predictor not in this tree yet")
+def test_llm_refinement_and_fusion_with_the_packaged_llm(handle, models):
+    """The real SmolLM2 GGUF through llama.cpp; receptive fields of sizes 2 and whole over 3 turns."""
+    status, out = call(handle, payload={"utterances": DIALOGUE})
+    assert status == 200, out
+    assert {"llm", "fusion"} <= set(out["timing_ms"])
+    want = {0: [[0, 1], [0, 2]], 1: [[0, 1], [1, 2], [0, 2]], 2: [[1, 2], [0, 2]]}
+    for i, u in enumerate(out["utterances"]):
+        assert u["llm"] is not None and abs(sum(u["llm"].values()) - 1) < 1e-4
+        assert sorted(u["receptive_fields"]) == sorted(want[i])
+        assert abs(sum(u["probs"].values()) - 1) < 1e-4
+    # the same stages called without Ray give the same answer
+    from mer_ray.serve.adapters import FusionStage, RefinerStage, VanillaStage
+    from mer_ray.serve.config import LLMConfig
+    from mer_ray.serve.featurize import FeaturizerStage
+
+    rows = FeaturizerStage().featurize(DIALOGUE)
+    van = VanillaStage(str(models)).predict(rows)
+    ref = RefinerStage(str(models), LLMConfig().model_dump()).refine(rows, van, [0, 1, 2])
+    fused = FusionStage(str(models)).fuse(van["emotion_probs"], ref)
+    got = np.array([[u["probs"][k] for k in MELD7] for u in out["utterances"]])
+    np.testing.assert_allclose(got, fused, atol=1e-4)
+    np.testing.assert_allclose([[u["llm"][k] for k in MELD7] for u in out["utterances"]], np.stack(ref["llm"]), atol=1e-4)
+    # streamed: the last turn, with the LLM, equals position 2 of the whole dialogue
+    for i, u in enumerate(DIALOGUE):
+        status, t = call(handle, "turn", {"utterance": u, "use_llm": i == 2}, sid="llm-session")
+        assert status == 200, t
+    assert sorted(t["utterance"]["receptive_fields"]) == sorted(want[2])
+    for k in MELD7:
+        assert t["utterance"]["probs"][k] == pytest.approx(out["utterances"][2]["probs"][k], abs=1e-4)

@@ -4,8 +4,8 @@ Each served stage is a plain object callable without Ray (Serve deployments
 wrap them, the in-process benchmark calls them directly):
 
 - :class:`VanillaStage`: ``mer_ray.predictors.VanillaPredictor`` over ``<models>/vanilla``;
-- :class:`RefinerStage`: ``mer_ray.lantern.LanternRefiner`` (llama.cpp or HTTP backend);
-- :class:`FusionStage`: ``mer_ray.lantern.FusionPredictor`` over ``<models>/fusion``;
+- :class:`RefinerStage`: ``mer_ray.lantern.predictor.LanternRefiner`` (llama.cpp or HTTP backend);
+- :class:`FusionStage`: ``mer_ray.lantern.predictor.FusionPredictor`` over ``<models>/fusion``;
 - :class:`MLLMStage`: the fine-tuned multimodal LLM over ``<models>/mllm``.
 
 Shapes: ``n`` utterances, ``C`` labels (the vanilla model's label order).
@@ -38,7 +38,7 @@ def label_set_name(labels, meta: dict | None = None) -> str:
 
 
 class VanillaStage:
-    """Vanilla model: feature rows -> emotion distributions [n, C]."""
+    """Vanilla model: feature rows -> ``emotion_probs`` [n, C] (+ ``sentiment_probs`` [n, S], ``vad`` [n, 3])."""
 
     def __init__(self, models_dir: str, threads: int = 1):
         from mer_ray.predictors import VanillaPredictor
@@ -51,33 +51,77 @@ class VanillaStage:
     def label_set_name(self) -> str:
         return self.name
 
-    def predict(self, rows: list[dict]) -> np.ndarray:
-        return np.asarray(self.predictor.predict_dialogue(rows)["emotion_probs"], dtype=np.float32)
+    @staticmethod
+    def labels_of(models_dir: str) -> list[str]:
+        import json
+
+        return list(json.loads((Path(models_dir) / "vanilla" / "vanilla.json").read_text())["emotion_labels"])
+
+    def predict(self, rows: list[dict]) -> dict:
+        out = self.predictor.predict_dialogue(rows)
+        return {"emotion_probs": np.asarray(out["emotion_probs"], dtype=np.float32), "sentiment_probs": out.get("sentiment_probs"),
+                "sentiment_labels": self.predictor.sentiment_labels, "vad": out.get("vad")}
+
+
+def _fusion_meta(models_dir: str) -> dict:
+    import json
+
+    p = Path(models_dir) / "fusion" / "fusion.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def refiner_settings(models_dir: str, llm: dict) -> dict:
+    """Backend config and receptive fields for :class:`LanternRefiner`: explicit config, else what fusion was fitted on."""
+    from mer_ray.lantern.queries import parse_sizes
+
+    meta = _fusion_meta(models_dir)
+    rec = meta.get("backend") or {}
+    backend = {"kind": {"http": "openai"}.get(llm["backend"], llm["backend"]), "n_ctx": llm["n_ctx"], "n_threads": llm["n_threads"]}
+    model = llm.get("model") or rec.get("model")
+    if model:
+        backend["model"] = model
+    if llm.get("base_url"):
+        backend["base_url"] = llm["base_url"]
+    sizes = llm.get("sizes") or (parse_sizes(meta["sizes"]) if meta.get("sizes") else [4, None])
+    return {"backend": backend, "sizes": sizes, "stride": llm.get("stride") or meta.get("stride") or 1, "template": llm["template"]}
 
 
 class RefinerStage:
-    """Lantern LLM refiner: rows + vanilla [n, C] -> per-utterance LLM distributions and fields."""
+    """Lantern LLM refiner: rows + vanilla outputs -> per-utterance LLM distributions and fields."""
 
     def __init__(self, models_dir: str, llm: dict, threads: int = 1):
-        from mer_ray.lantern import LanternRefiner
+        from mer_ray.lantern.predictor import LanternRefiner
 
         _threads(threads)
-        self.refiner = LanternRefiner.for_serving(models_dir=models_dir, **llm)
+        s = refiner_settings(models_dir, llm)
+        labels = _fusion_meta(models_dir).get("labels") or VanillaStage.labels_of(models_dir)
+        self.refiner = LanternRefiner.from_config(s["backend"], labels=labels, sizes=s["sizes"], stride=s["stride"],
+                                                  template=s["template"])
+        self.reuse = llm.get("reuse_prefix_across_requests", True)
 
-    def refine(self, rows: list[dict], vanilla: np.ndarray, targets: list[int]) -> dict:
-        """Returns ``{"llm": [n] of [C] or None, "fields": [n] of [[first, last]], "detail": ...}``.
+    def refine(self, rows: list[dict], vanilla: dict, targets: list[int]) -> dict:
+        """``{"llm": [n] of [C] or None, "fields": [n] of [[first, last]], "detail": refiner output}``.
 
-        ``targets``: positions whose answer is needed; the refiner prompts only fields covering them.
+        ``llm`` is the mean over the fields that scored (uncalibrated); ``targets`` is informational:
+        the refiner prompts every field of the dialogue.
         """
-        out = self.refiner.refine(rows, vanilla, targets=targets)
-        return {"llm": out["llm"], "fields": out["fields"], "detail": out}
+        llm = getattr(self.refiner.scorer, "llm", None)
+        if not self.reuse and llm is not None:
+            llm.reset()  # nothing carried over from the previous request
+        out = self.refiner.refine([{"speaker": r.get("speaker"), "text": r.get("text")} for r in rows], vanilla)
+        probs, fields = [], []
+        for cands in out:
+            ok = [c for c in cands if c["probs"] is not None]
+            probs.append(np.mean([c["probs"] for c in ok], axis=0) if ok else None)
+            fields.append([[int(c["start"]), int(c["end"]) - 1] for c in ok])
+        return {"llm": probs, "fields": fields, "detail": out}
 
 
 class FusionStage:
     """Receptive-field-aware fusion: vanilla [n, C] + refiner output -> fused [n, C]."""
 
     def __init__(self, models_dir: str, threads: int = 1):
-        from mer_ray.lantern import FusionPredictor
+        from mer_ray.lantern.predictor import FusionPredictor
 
         _threads(threads)
         self.fusion = FusionPredictor.from_dir(Path(models_dir) / "fusion")

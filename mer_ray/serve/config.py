@@ -23,16 +23,29 @@ class LLMConfig(BaseModel):
 
     enabled: bool = True
     """Deploy the LLM stage at all; with False every request behaves as ``use_llm: false``."""
-    backend: Literal["llama_cpp", "http"] = "llama_cpp"
-    """``llama_cpp``: a GGUF in the replica; ``http``: an OpenAI-compatible completions server (vLLM, llama.cpp server)."""
-    model: str = "smollm2-135m-instruct"
-    """llama.cpp: an embedded name (``smollm2-135m-instruct``, ``gemma3-270m``) or a GGUF path; http: the served model id."""
+    backend: Literal["llama_cpp", "http", "transformers"] = "llama_cpp"
+    """``llama_cpp``: a GGUF in the replica; ``http``: an OpenAI-compatible completions server (vLLM,
+    llama.cpp server); ``transformers``: a local Hugging Face model directory."""
+    model: str | None = None
+    """llama.cpp: an embedded name (``smollm2-135m-instruct``, ``gemma3-270m``) or a GGUF path; http: the
+    served model id; transformers: a model dir. None: the LLM recorded in ``<models>/fusion/fusion.json``
+    (the one fusion was fitted on), else the Lantern backend's default."""
     base_url: str | None = None
     """Base URL of the completions server (``backend: http``), e.g. ``http://vllm:8000/v1``."""
-    sizes: list[int | None] = Field(default_factory=lambda: [4, None])
-    """Receptive-field sizes (``null``: the whole dialogue). Used when the models dir has no Lantern config."""
+    sizes: list[int | None] | None = None
+    """Receptive-field sizes (``null``: the whole dialogue). None: the sizes fusion was fitted on
+    (``fusion.json``), else ``[4, null]``."""
+    stride: int | None = Field(None, ge=1)
+    """Window stride. None: ``fusion.json``'s, else 1."""
+    template: str = "lantern_v1"
+    """Prompt template name or ``.j2`` path."""
+    n_ctx: int = Field(4096, ge=128)
+    """llama.cpp context length."""
     n_threads: int = Field(1, ge=1)
     """llama.cpp threads per replica."""
+    reuse_prefix_across_requests: bool = True
+    """Keep the llama.cpp KV cache of the last request's prompts, so a new request re-evaluates only
+    what differs (bit-identical logits). ``mer bench serve`` turns it off: nothing is cached between requests."""
 
     @model_validator(mode="after")
     def _check(self) -> "LLMConfig":

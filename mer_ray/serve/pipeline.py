@@ -89,12 +89,13 @@ class Ensemble:
         n = len(rows)
         targets = list(range(n)) if targets is None else targets
         t = time.perf_counter()
-        van = np.asarray(await self.vanilla(rows), dtype=np.float64)  # [n, C]
+        van_out = await self.vanilla(rows)  # emotion_probs [n, C], sentiment_probs, vad (prompt references)
+        van = np.asarray(van_out["emotion_probs"], dtype=np.float64)
         timing["vanilla"] = (time.perf_counter() - t) * 1e3
         fused, llm, fields = van, [None] * n, [[] for _ in range(n)]
         jobs = {}
         if use_llm and self.refine is not None:
-            jobs["llm"] = self.refine(rows, van, targets)
+            jobs["llm"] = self.refine(rows, van_out, targets)
         if self.mllm is not None:
             jobs["mllm"] = self.mllm(rows)
         t = time.perf_counter()
@@ -103,7 +104,7 @@ class Ensemble:
             ref = done["llm"]  # {"llm": [n] of [C] or None, "fields": [n] of [[first, last]], ...}
             timing["llm"] = (time.perf_counter() - t) * 1e3
             t = time.perf_counter()
-            fused = np.asarray(await self.fuse(van, ref), dtype=np.float64)
+            fused = np.asarray(await self.fuse(van_out["emotion_probs"], ref), dtype=np.float64)
             timing["fusion"] = (time.perf_counter() - t) * 1e3
             llm, fields = ref["llm"], ref["fields"]
         mllm = done.get("mllm")
