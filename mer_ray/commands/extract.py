@@ -39,6 +39,10 @@ def extract(
     except (ExtractError, FileNotFoundError, ValueError) as e:
         typer.echo(f"mer extract: {e}", err=True)
         raise typer.Exit(1) from None
+    except Exception as e:  # noqa: BLE001 - the run itself failed (e.g. Ray): say so, exit non-zero
+        typer.echo(f"mer extract: the run could not complete: {type(e).__name__}: {e}\n"
+                   "Re-running the same command resumes from the finished shards.", err=True)
+        raise typer.Exit(1) from None
     typer.echo(format_summary(summary))
 
 
@@ -48,6 +52,9 @@ def format_summary(summary: dict) -> str:
     lines = [f"extracted {summary['rows']} utterances into {summary['out_dir']} in {summary['seconds']} s "
              f"({summary['shards_skipped']} of {summary['shards']} shards already done)",
              f"  ok: {s['ok']}   partial: {s['partial']}   failed: {s['failed']}"]
+    if summary.get("stage_seconds"):
+        lines.append("  seconds per stage (summed over actors): "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in summary["stage_seconds"].items()))
     if summary["top_reasons"]:
         lines.append("  most common reasons:")
         lines += [f"    {n:6d}  {reason}" for reason, n in summary["top_reasons"]]
