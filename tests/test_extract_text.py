@@ -23,9 +23,8 @@ def test_text_stage_on_plain_dict():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_text_only_pipeline_keeps_every_row_and_resumes(ray_local, tmp_path):
-    from mer_ray.features.pipeline import run_extract
-
     from mer_ray.data.loaders import load_manifest
+    from mer_ray.features.pipeline import run_extract
 
     manifest = make_corpus(tmp_path / "corpus", n_dialogues=6, seed=1)
     src = load_manifest(manifest)
@@ -43,3 +42,22 @@ def test_text_only_pipeline_keeps_every_row_and_resumes(ray_local, tmp_path):
     # A re-run skips every finished shard.
     again = run_extract(manifest, tmp_path / "feat", config=cfg, progress=False)
     assert again["shards_skipped"] == again["shards"] == summary["shards"] > 1
+
+
+def test_table_without_media_root_is_text_only(tmp_path):
+    """MELD's table names clips that are not here: without a media root, text only (no Ray needed)."""
+    import pyarrow as pa
+
+    from mer_ray.features.local import run_local
+
+    t = pa.table({"dialogue_id": ["d", "d"], "turn": [0, 1], "speaker": ["A", "B"], "text": ["hi", "no way"],
+                  "video": ["dia0_utt0.mp4", "dia0_utt1.mp4"]})
+    from mer_ray.features.config import ExtractConfig
+    from mer_ray.features.pipeline import media_plan
+
+    root, cfg = media_plan(t, t, None, ExtractConfig())  # what run_extract decides too
+    assert root is None and cfg.media is False
+    root, cfg = media_plan(tmp_path / "m.jsonl", t, None, ExtractConfig())
+    assert root == str(tmp_path.resolve()) and cfg.media is True
+    out = run_local(t, config={"faces": False, "audio_encoder": "none"})
+    assert out.column("status").to_pylist() == ["ok", "ok"] and out.column("n_frames").null_count == 2

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from mer_ray.features.columns import FER_LABELS, to_table
 from mer_ray.features.config import load_config
-from mer_ray.features.pipeline import _has_media, _load_manifest, assemble
+from mer_ray.features.pipeline import _has_media, _load_manifest, assemble, media_plan
 from mer_ray.features.stages import build_stages, load_class
 
 _UNSET = object()
@@ -26,7 +26,7 @@ def run_local(manifest, media_root=None, config=None, threads=_UNSET, timings: C
 
     Args:
         manifest: a manifest path or ``pa.Table``.
-        media_root: as for ``run_extract`` (default: the manifest's directory, or the working directory).
+        media_root: as for ``run_extract`` (default: the manifest's directory; none for a table: text only).
         config: an ``ExtractConfig``, dict, path or None.
         threads: override every stage's thread setting (None: each library's default).
         timings: if given, seconds per stage are added to it.
@@ -34,9 +34,7 @@ def run_local(manifest, media_root=None, config=None, threads=_UNSET, timings: C
     """
     cfg = load_config(config)
     table = _load_manifest(manifest)
-    if media_root is None:
-        media_root = Path(manifest).parent if isinstance(manifest, (str, Path)) else Path.cwd()
-    root = str(Path(media_root).resolve())
+    root, cfg = media_plan(manifest, table, media_root, cfg)
     specs = build_stages(cfg, root, cfg.media and _has_media(table))
     stages = []
     for spec in specs:

@@ -54,6 +54,21 @@ def _fingerprint(table: pa.Table, cfg: ExtractConfig, media_root: str | None) ->
     return h.hexdigest()
 
 
+def media_plan(manifest, table: pa.Table, media_root, cfg: ExtractConfig) -> tuple[str | None, ExtractConfig]:
+    """The resolved media root, and the config with ``media`` off when media cannot be resolved.
+
+    Without a media root, paths resolve under the manifest file's directory; an in-memory table
+    has no such directory, so its media columns are ignored (text only), with a warning.
+    """
+    if media_root is None and isinstance(manifest, (str, Path)):
+        media_root = Path(manifest).parent
+    root = str(Path(media_root).resolve()) if media_root is not None else None
+    if root is None and cfg.media and _has_media(table):
+        log.warning("no media root given for an in-memory manifest: video/audio columns ignored (text features only)")
+        cfg = cfg.model_copy(update={"media": False})
+    return root, cfg
+
+
 def shard_path(out: Path, shard: int) -> Path:
     return out / f"part-{shard:05d}.parquet"
 
@@ -105,7 +120,9 @@ def run_extract(manifest, out_dir, media_root=None, config=None, progress: bool 
     Args:
         manifest: a manifest path (CSV, JSONL, Parquet) or a ``pa.Table`` in the utterance schema.
         out_dir: output directory; re-running with the same inputs resumes.
-        media_root: directory that every ``video``/``audio`` path resolves under.
+        media_root: directory that every ``video``/``audio`` path resolves under. Default: the
+            manifest file's directory; for a ``pa.Table`` without a media root the media columns
+            are ignored (text features only, with a warning).
         config: an :class:`ExtractConfig`, a dict, a YAML/JSON path, or None for defaults.
         progress: show a progress bar of utterances done.
         address: a Ray cluster to attach to when Ray is not initialised (``auto``, ``ray://...``);
@@ -125,9 +142,7 @@ def run_extract(manifest, out_dir, media_root=None, config=None, progress: bool 
     clash = [c for c in table.column_names if c in OUTPUT or c in INTERNAL or c.startswith("_sec_")]
     if clash:
         raise ExtractError(f"manifest columns {clash} clash with feature-store columns; drop them first")
-    if media_root is None:  # paths are relative to the manifest, or to the working directory
-        media_root = Path(manifest).parent if isinstance(manifest, (str, Path)) else Path.cwd()
-    root = str(Path(media_root).resolve())
+    root, cfg = media_plan(manifest, table, media_root, cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fp = _fingerprint(table, cfg, root)
