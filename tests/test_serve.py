@@ -251,6 +251,11 @@ def test_llm_refinement_and_fusion_with_the_packaged_llm(handle, models):
     got = np.array([[u["probs"][k] for k in MELD7] for u in out["utterances"]])
     np.testing.assert_allclose(got, fused, atol=1e-4)
     np.testing.assert_allclose([[u["llm"][k] for k in MELD7] for u in out["utterances"]], np.stack(ref["llm"]), atol=1e-4)
+    # overlapping LLM requests (Serve runs sync stage methods in a thread pool) give the sequential answers
+    r1, r2 = (handle.call.remote("recognize", body(utterances=d), KEY, None) for d in (DIALOGUE[:2], DIALOGUE[1:]))
+    (s1, o1), (s2, o2) = r1.result(), r2.result()
+    assert s1 == s2 == 200
+    assert o1["utterances"][0]["probs"] == pytest.approx(call(handle, payload={"utterances": DIALOGUE[:2]})[1]["utterances"][0]["probs"], abs=1e-4)
     # streamed: the last turn, with the LLM, equals position 2 of the whole dialogue
     for i, u in enumerate(DIALOGUE):
         status, t = call(handle, "turn", {"utterance": u, "use_llm": i == 2}, sid="llm-session")

@@ -13,6 +13,7 @@ Shapes: ``n`` utterances, ``C`` labels (the vanilla model's label order).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,9 @@ class RefinerStage:
         self.refiner = LanternRefiner.from_config(s["backend"], labels=labels, sizes=s["sizes"], stride=s["stride"],
                                                   template=s["template"])
         self.reuse = llm.get("reuse_prefix_across_requests", True)
+        # Serve runs sync methods in a thread pool, so requests overlap; llama.cpp's context is not
+        # thread-safe (overlapping calls crash the process): one request at a time per replica.
+        self.lock = threading.Lock()
 
     def refine(self, rows: list[dict], vanilla: dict, targets: list[int]) -> dict:
         """``{"llm": [n] of [C] or None, "fields": [n] of [[first, last]], "detail": refiner output}``.
@@ -105,10 +109,11 @@ class RefinerStage:
         ``llm`` is the mean over the fields that scored (uncalibrated); ``targets`` is informational:
         the refiner prompts every field of the dialogue.
         """
-        llm = getattr(self.refiner.scorer, "llm", None)
-        if not self.reuse and llm is not None:
-            llm.reset()  # nothing carried over from the previous request
-        out = self.refiner.refine([{"speaker": r.get("speaker"), "text": r.get("text")} for r in rows], vanilla)
+        with self.lock:
+            llm = getattr(self.refiner.scorer, "llm", None)
+            if not self.reuse and llm is not None:
+                llm.reset()  # nothing carried over from the previous request
+            out = self.refiner.refine([{"speaker": r.get("speaker"), "text": r.get("text")} for r in rows], vanilla)
         probs, fields = [], []
         for cands in out:
             ok = [c for c in cands if c["probs"] is not None]
@@ -149,10 +154,13 @@ class MLLMStage:
         meta = json.loads((art / ARTIFACT_JSON).read_text())
         projectors = (meta.get("model") or {}).get("projectors") or {}
         self.columns = {m: p["feature"] for m, p in projectors.items() if isinstance(p, dict) and p.get("feature")}
+        self.lock = threading.Lock()  # requests overlap in Serve's thread pool; one LLM pass at a time
 
     def predict(self, rows: list[dict]) -> np.ndarray:
         feats = [{m: r.get(c) for m, c in self.columns.items() if r.get(c) is not None} for r in rows]
-        return np.asarray(self.predictor.predict_dialogue(rows, feats)["emotion_probs"], dtype=np.float32)
+        with self.lock:
+            out = self.predictor.predict_dialogue(rows, feats)
+        return np.asarray(out["emotion_probs"], dtype=np.float32)
 
 
 def train_demo_models(models_dir: Path) -> None:

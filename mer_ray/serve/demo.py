@@ -31,3 +31,19 @@ def demo_request(url: str = "http://127.0.0.1:8000", use_llm: bool = True, api_k
         print("  timing_ms: " + ", ".join(f"{k} {v:.0f}" for k, v in out["timing_ms"].items()))
         print(f"Service: {url}   API docs: {url.rstrip('/')}/docs   OpenAPI: {url.rstrip('/')}/openapi.json")
     return out
+
+
+def serve_demo(models_dir: str, port: int = 8000, use_llm: bool = True, stop: bool = True) -> str:
+    """Start the service on ``models_dir`` (on the Ray this process has, or a new local one), send
+    :data:`DEMO_DIALOGUE`, print the answer and the URL; shut Serve down after unless ``stop`` is False."""
+    from mer_ray.serve.run import serve_local
+
+    url = serve_local(models_dir=str(models_dir), port=port, no_llm=not use_llm)
+    try:
+        demo_request(url, use_llm=use_llm)
+    finally:
+        if stop:
+            from ray import serve
+
+            serve.shutdown()
+    return url

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import tempfile
+import threading
 from pathlib import Path
 
 from mer_ray.serve.schemas import decode_media
@@ -39,6 +40,7 @@ class FeaturizerStage:
         self.text = TextStage(threads=threads)
         self.threads, self.extract_config = threads, extract_config or {}
         self._media = None  # loaded on the first request that sends media
+        self._lock = threading.Lock()  # requests overlap in Serve's thread pool; the media encoders run one at a time
 
     def _media_stages(self) -> list:
         if self._media is None:
@@ -94,7 +96,9 @@ class FeaturizerStage:
                  "status": "ok", "error": None} for i, u in enumerate(utterances)]
         media = [i for i, u in enumerate(utterances) if u.get("video_b64") is not None or u.get("audio_b64") is not None]
         if media:
-            for i, feats in self._run_media(utterances, media).items():
+            with self._lock:
+                done = self._run_media(utterances, media)
+            for i, feats in done.items():
                 feats.pop("text_embedding", None)
                 rows[i].update(feats)
         return rows

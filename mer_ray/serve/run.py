@@ -69,5 +69,8 @@ def serve_local(config: str | Path | None = None, models_dir: str | None = None,
     env = {}
     if cfg.api_key_env and os.environ.get(cfg.api_key_env):
         env[cfg.api_key_env] = os.environ[cfg.api_key_env]  # replicas read the key from their environment
-    start_local_ray(num_cpus=num_cpus, env=env)
+    import ray
+
+    if not ray.is_initialized():  # e.g. the demo calls this on the Ray it already started
+        start_local_ray(num_cpus=num_cpus, env=env)
     return deploy(cfg, options, host, port, name=app.get("name", "mer"), route_prefix=app.get("route_prefix", "/"))
