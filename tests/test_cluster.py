@@ -138,7 +138,15 @@ def test_kuberay_rayjob_runs_the_finetuning_entry_point_with_a_shipped_config():
     spec_.loader.exec_module(job)
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     loaded = job.load_config(config, sets) if sets else job.load_config(config)
-    assert loaded is not None
+    groups = spec["rayClusterSpec"]["workerGroupSpecs"]
+
+    def total(key: str) -> float:
+        return sum(float(c["resources"]["limits"].get(key, 0)) * g["maxReplicas"] for g in groups for c in g["template"]["spec"]["containers"])
+
+    r = loaded.ray  # the job's Ray Train workers must fit the job's cluster
+    assert r.num_workers * (1 if r.use_gpu else 0) <= total("nvidia.com/gpu")
+    assert r.num_workers * r.cpus_per_worker <= total("cpu")
+    assert loaded.out and loaded.out.startswith("/models")  # the adapter lands where RayService reads mllm/
 
 
 def _validate_serve(raw: dict) -> None:
