@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-n", type=int, default=100, help="dev utterances scored after reloading the artifacts")
     p.add_argument("--random-init", action="store_true", help="random weights from the base's config.json")
     p.add_argument("--out", default=None, help="where artifacts go (default: a temp dir)")
+    p.add_argument("--full-eval", action="store_true", help="then run the config's eval section (subsets, baselines) on this device")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}.items():
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
     times, toks, losses = [], 0, []
     for step in range(args.steps):
+        if cfg.train.time_budget_min and sum(times) > 60 * cfg.train.time_budget_min:
+            break
         set_stage_lrs(opt, cfg, step, names)
         batches = [collate(mb, train=True) for mb in micro_batches(examples, order, step, cfg.train.micro_batch, cfg.train.grad_accum, 0, 1)]
         if torch.cuda.is_available():
@@ -117,6 +120,18 @@ def main(argv: list[str] | None = None) -> dict:
         "artifacts": str(work / "export"),
     }
     print("GPU_CHECK", json.dumps(res), flush=True)
+    if args.full_eval and cfg.eval.splits:  # the config's eval (subsets, baselines) on this device
+        from mer_ray.train.mllm_eval import run_eval
+
+        del pred
+        ev = run_eval(cfg, work / "export", work / "eval.json", device="cuda" if torch.cuda.is_available() else "cpu")
+        res["eval"] = ev
+        heads = {f"finetuned/{s}": ev["finetuned"][s] for s in cfg.eval.splits}
+        if ev["baseline"]:
+            n = ev["baseline"]["chosen_shots"]
+            heads.update({f"baseline-{n}shot/{s}": v for s, v in ev["baseline"][f"{n}-shot"].items()})
+            heads.update({f"baseline-{k}/{cfg.eval.splits[0]}": v[cfg.eval.splits[0]] for k, v in ev["baseline"].items() if k.endswith("-shot")})
+        print("GPU_EVAL", json.dumps({k: {m: round(v[m], 2) for m in ("n", "weighted_f1", "accuracy", "macro_f1")} for k, v in heads.items()}), flush=True)
     return res
 
 

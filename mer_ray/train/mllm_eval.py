@@ -23,8 +23,8 @@ def _short(m: dict) -> dict:
     return {k: m[k] for k in KEEP}
 
 
-def run_eval(cfg: FinetuneConfig, art_dir: str | Path | None, out_json: str | Path | None = None) -> dict:
-    """Metrics of the fine-tuned model (``art_dir``; None = skip) and of the baseline shot counts, per split."""
+def run_eval(cfg: FinetuneConfig, art_dir: str | Path | None, out_json: str | Path | None = None, device: str = "cpu") -> dict:
+    """Metrics of the fine-tuned model (``art_dir``; None = skip) and of the baseline shot counts, per split (on ``device``)."""
     from mer_ray.data.labels import get_label_set
 
     labels = get_label_set(cfg.model.label_set).labels
@@ -40,6 +40,7 @@ def run_eval(cfg: FinetuneConfig, art_dir: str | Path | None, out_json: str | Pa
     if art_dir is not None:
         t0 = time.time()
         ft = MLLMPredictor.from_dir(art_dir, batch_size=e.batch_size)
+        ft.model.to(device)
         for split, (dialogues, keys) in data.items():
             res["finetuned"][split] = _short(evaluate(ft.predict(dialogues, keys), dialogues, labels))
         res["finetuned"]["seconds"] = time.time() - t0
@@ -54,6 +55,7 @@ def run_eval(cfg: FinetuneConfig, art_dir: str | Path | None, out_json: str | Pa
             prompt = cfg.prompt.model_copy(update={"n_shots": n})
             if base is None:
                 base = MLLMPredictor.from_base(cfg.model.base, cfg.model.label_set, prompt, shots, e.batch_size)
+                base.model.to(device)
             base.prompt, base.shots = prompt, shots
             dialogues, keys = data[sel]
             res["baseline"][f"{n}-shot"] = {sel: _short(evaluate(base.predict(dialogues, keys), dialogues, labels))}
