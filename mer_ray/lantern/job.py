@@ -166,5 +166,13 @@ def run_prompt_job(queries: pa.Table, out_dir: str | Path, backend: dict, labels
 def load_llm_outputs(out_dir: str | Path) -> pa.Table:
     """Queries (without prompts) joined with their results: the input of fusion and the report."""
     out_dir = Path(out_dir)
+    import pyarrow.compute as pc
+
     q = pq.read_table(out_dir / "queries.parquet").drop_columns(["prompt"])
-    return q.join(read_results(out_dir), "query_id", join_type="left outer")
+    res = read_results(out_dir)
+    idx = pc.index_in(q["query_id"], value_set=res["query_id"])  # null: never scored
+    got = res.take(idx)
+    for name in res.column_names:
+        if name != "query_id":
+            q = q.append_column(name, got[name])
+    return q

@@ -50,6 +50,17 @@ def start_ray(num_cpus: int) -> bool:
     return True
 
 
+def _differs(saved: dict, now: dict) -> bool:
+    """Whether two job keys disagree on a setting both record (newer fields default to equal)."""
+    for k in set(saved) & set(now):
+        if isinstance(saved[k], dict) and isinstance(now[k], dict):
+            if _differs(saved[k], now[k]):
+                return True
+        elif saved[k] != now[k]:
+            return True
+    return False
+
+
 def prompt_main(cfg: PromptJobConfig) -> dict:
     """Run (or resume) a prompt job; refuses to mix settings in one output directory."""
     from mer_ray.lantern.job import run_prompt_job
@@ -58,10 +69,11 @@ def prompt_main(cfg: PromptJobConfig) -> dict:
         raise ValueError("both vanilla and out are required")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    key = cfg.model_dump(exclude={"out", "actors", "cpus_per_actor", "ray_cpus", "max_dialogues", "splits"})
-    key["backend"] = {k: v for k, v in key["backend"].items() if k not in ("n_threads", "max_workers", "batch_size")}
+    # what decides a query's prompt and scores; engines and scope may change between resumes
+    key = {**cfg.model_dump(include={"vanilla", "sizes", "stride", "template", "few_shot", "seed"}),
+           "backend": cfg.backend.model_dump(include={"kind", "model", "gguf_file", "base_url", "chat", "http_mode"})}
     saved = out / "job.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(key)):
+    if saved.exists() and _differs(json.loads(saved.read_text()), json.loads(json.dumps(key))):
         raise ValueError(f"{out} holds a run with other settings ({saved}); use another --out")
     saved.write_text(json.dumps(key, indent=2))
     queries, labels = make_queries(cfg)

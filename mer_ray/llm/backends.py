@@ -22,6 +22,8 @@ class BackendConfig(BaseModel):
     chat: bool = Field(True, description="wrap prompts in the model's chat template when it has one")
     chat_template_from: str | None = Field(None, description="openai: a GGUF path/name whose chat template to use")
     max_workers: int = Field(4, ge=1, description="openai: concurrent HTTP requests")
+    http_mode: Literal["echo", "forced"] = Field("echo", description="openai: 'echo' (vLLM, OpenAI semantics) or "
+                                                 "'forced' (llama-cpp-python's server, see mer_ray/llm/openai_http.py)")
 
 
 def build_scorer(cfg: BackendConfig | dict):
@@ -40,7 +42,7 @@ def build_scorer(cfg: BackendConfig | dict):
     if not cfg.base_url:
         raise ValueError("backend kind 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
     return OpenAICompletionsScorer(cfg.base_url, cfg.model, max_workers=cfg.max_workers,
-                                   chat_template_from=cfg.chat_template_from)
+                                   chat_template_from=cfg.chat_template_from, mode=cfg.http_mode)
 
 
 def prompt_format(scorer, chat: bool = True) -> tuple[str | None, str, str]:

@@ -1,11 +1,18 @@
 """OpenAI-compatible completions backend (vLLM, llama.cpp server, ...): exact label scores.
 
-For each (prompt, label) it requests ``prompt + label`` with ``echo=true``,
-``logprobs`` and ``max_tokens=1``, and sums the echoed log-probabilities of the
-label's own tokens (those that start at or after the prompt's end). It never
-reads or renormalises a top-k list, in which labels may be missing. The
-server must return prompt log-probabilities (llama.cpp server: ``logits_all``;
-vLLM: supports ``echo`` with ``logprobs``).
+Two exact modes; neither reads nor renormalises a top-k list (labels may be missing there):
+
+- ``echo`` (vLLM and other servers that follow the OpenAI semantics): request
+  ``prompt + label`` with ``echo=true``, ``logprobs`` and ``max_tokens=1``, and sum the
+  echoed log-probabilities of the label's own tokens (those starting at or after the
+  prompt's end).
+- ``forced`` (llama-cpp-python's ``llama_cpp.server``, whose echoed prompt log-probs are
+  off by one position: token ``i`` is paired with the distribution that predicts token
+  ``i+1``): per label token ``t_k``, request ``prompt + t_1..t_{k-1}`` with
+  ``max_tokens=1``, ``logprobs=1`` and ``logit_bias={t_k: +100}``; the generated token is
+  ``t_k`` and its reported log-prob comes from the unbiased logits, i.e.
+  ``log p(t_k | prompt, t_<k)``. Label tokens come from the server's ``/extras/tokenize``,
+  where the label actually follows the prompt. The server needs ``--logits_all true``.
 """
 
 from __future__ import annotations
@@ -31,10 +38,14 @@ class OpenAICompletionsScorer:
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, max_workers: int = 4,
-                 chat_template_from: str | None = None, timeout: float = 120.0):
+                 chat_template_from: str | None = None, timeout: float = 120.0, mode: str = "echo"):
         import httpx
 
-        self.url = base_url.rstrip("/") + "/completions"
+        if mode not in ("echo", "forced"):
+            raise ValueError(f"mode must be 'echo' or 'forced', got {mode!r}")
+        self.mode = mode
+        self.base = base_url.rstrip("/")
+        self.url = self.base + "/completions"
         self.model = model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(timeout=timeout, headers=headers)
@@ -70,9 +81,39 @@ class OpenAICompletionsScorer:
             raise RuntimeError("the server returned no prompt log-probabilities (echo with logprobs unsupported?)")
         return float(sum(vals)), len(idx), idx[0]
 
+    def _post(self, path: str, body: dict) -> dict:
+        r = self.client.post(path, json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code} from {path}: {r.text[:300]}")
+        return r.json()
+
+    def _tokenize(self, text: str) -> list[int]:
+        root = self.base[:-3] if self.base.endswith("/v1") else self.base
+        return self._post(root + "/extras/tokenize", {"input": text})["tokens"]
+
+    def forced_label_logprob(self, prompt: str, label: str) -> tuple[float, int, int]:
+        """``forced`` mode: (sum of the label tokens' log-probs, label tokens, prompt tokens)."""
+        root = self.base[:-3] if self.base.endswith("/v1") else self.base
+        base, full = self._tokenize(prompt), self._tokenize(prompt + label)
+        if full[: len(base)] != base or len(full) <= len(base):
+            raise RuntimeError(f"label {label!r} merges with the prompt's last token; cannot score it exactly")
+        total, text = 0.0, prompt
+        for k, tok in enumerate(full[len(base):]):
+            if k:
+                text = prompt + self._post(root + "/extras/detokenize", {"tokens": full[len(base):len(base) + k]})["text"]
+            out = self._post(self.url, {"model": self.model, "prompt": text, "max_tokens": 1, "logprobs": 1,
+                                        "temperature": 0.0, "logit_bias": {str(tok): 100.0}})
+            lp = out["choices"][0]["logprobs"]
+            want = self._post(root + "/extras/detokenize", {"tokens": [tok]})["text"]
+            if lp["tokens"][0] != want:
+                raise RuntimeError(f"forced token {want!r} but the server generated {lp['tokens'][0]!r}")
+            total += float(lp["token_logprobs"][0])
+        return total, len(full) - len(base), len(base)
+
     def _score_one(self, prompt: str, labels: Sequence[str]) -> LabelScores:
+        fn = self.label_logprob if self.mode == "echo" else self.forced_label_logprob
         try:
-            res = [self.label_logprob(prompt, lab) for lab in labels]
+            res = [fn(prompt, lab) for lab in labels]
         except Exception as e:
             return LabelScores(None, error=f"backend error: {type(e).__name__}: {e}")
         lps = np.array([r[0] for r in res])

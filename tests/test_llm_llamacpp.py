@@ -1,0 +1,72 @@
+"""llama.cpp backend on the packaged SmolLM2: exact multi-token labels, exact prefix reuse, failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mer_ray.llm.prompts import apply_chat_template
+
+pytestmark = pytest.mark.slow
+LABELS = ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"]
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    from mer_ray.llm.llamacpp import LlamaCppScorer
+
+    return LlamaCppScorer("smollm2-135m-instruct", n_ctx=1024, n_threads=1)
+
+
+def _prompts(sc):
+    head = "Conversation:\n[1] Ross: \"We were on a break!\"\n[2] Rachel: \"I can't believe you.\"\n"
+    users = [head + f"Which emotion does the speaker express in utterance [{i}]? Answer with one word from: "
+             + ", ".join(LABELS) + "." for i in (1, 2)]
+    return [apply_chat_template(sc.chat_template, [{"role": "user", "content": u}], sc.bos_token, sc.eos_token)
+            for u in users]
+
+
+def test_labels_are_scored_exactly_where_they_follow_the_chat_template(scorer):
+    from llama_cpp import Llama
+
+    prompts = _prompts(scorer)
+    assert prompts[0].endswith("<|im_start|>assistant\n")
+    out = scorer.score(prompts, LABELS)
+    lens = [len(t) for t in out[0].label_tokens]
+    assert max(lens) > 1  # after the newline some labels split: first-token scoring would be wrong
+    ref_llm = Llama(model_path=str(scorer.path), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+    p, r = prompts[0], out[0]
+    ptoks = scorer.tokenize(p)
+    n = len(ptoks)
+    ref_llm.eval(ptoks)
+    for j, lab in enumerate(LABELS):  # reference: all-position logits of prompt + label tokens
+        ref_llm.n_tokens = n
+        ref_llm.eval(r.label_tokens[j])
+        ids = ptoks + r.label_tokens[j]
+        logits = np.asarray(ref_llm.scores[n - 1: len(ids) - 1], dtype=np.float64)
+        m = logits.max(1, keepdims=True)
+        lsm = logits - m - np.log(np.exp(logits - m).sum(1, keepdims=True))
+        ref = sum(lsm[k, t] for k, t in enumerate(r.label_tokens[j]))
+        assert r.logprobs[j] == pytest.approx(ref, abs=2e-3), lab
+    for r in out:
+        assert r.probs.sum() == pytest.approx(1.0)
+
+
+def test_prefix_reuse_is_exact_and_counted(scorer):
+    prompts = _prompts(scorer)
+    scorer.reuse_prefix = False
+    naive = scorer.score(prompts, LABELS)
+    scorer.reuse_prefix = True
+    scorer.llm.reset()
+    reused = scorer.score(prompts, LABELS)
+    assert reused[1].tokens_reused > 20 and naive[1].tokens_reused == 0
+    assert reused[1].tokens_evaluated < naive[1].tokens_evaluated
+    for a, b in zip(naive, reused):
+        np.testing.assert_array_equal(a.logprobs, b.logprobs)
+
+
+def test_context_overflow_is_a_recorded_failure(scorer):
+    long = "word " * 1500
+    out = scorer.score([long, _prompts(scorer)[0]], LABELS)
+    assert out[0].error.startswith("context overflow") and out[0].probs is None
+    assert out[1].ok
