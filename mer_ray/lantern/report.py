@@ -43,7 +43,7 @@ def _data(van, llm, gold, labels, calibrated, sizes=None, stride=1):
     return F.assemble(van, llm, sizes=sizes, stride=stride, calibrated=calibrated, gold=gold, labels=labels)
 
 
-def _fit_eval(dev_van, test_van, llm, gold, labels, setting, k, seed, sizes=None, stride=1):
+def _fit_eval(dev_van, test_van, llm, gold, labels, setting, k, seed, sizes=None, stride=1):  # noqa: PLR0913
     hp = {k2: v for k2, v in setting.items() if k2 != "calibrated"}
     dev = _data(dev_van, llm, gold, labels, setting["calibrated"], sizes, stride)
     test = _data(test_van, llm, gold, labels, setting["calibrated"], sizes, stride)
@@ -53,8 +53,14 @@ def _fit_eval(dev_van, test_van, llm, gold, labels, setting, k, seed, sizes=None
 
 
 def run_fuse(vanilla: str | Path, llm_dirs: Sequence[str | Path], data_dir: str | Path, out: str | Path,
-             k: int = 5, seed: int = 0, stride: int = 1, ablation_sizes: Sequence[int | None] | None = None) -> dict:
-    """Fit fusion on dev by k-fold cross-fitting, pick by held-out weighted F1, report on test."""
+             k: int = 5, seed: int = 0, stride: int = 1, ablation_sizes: Sequence[int | None] | None = None,
+             settings: dict[str, dict] | None = None) -> dict:
+    """Fit fusion on dev by k-fold cross-fitting, pick by held-out weighted F1, report on test.
+
+    ``settings`` maps a name to fusion hyper-parameters (``calibrated``, ``weight_decay``,
+    ``steps``, ...); the default grid is :data:`SETTINGS`.
+    """
+    grid = settings or SETTINGS
     from mer_ray.data.loaders import load_meld
     from mer_ray.lantern.job import load_llm_outputs
 
@@ -79,11 +85,13 @@ def run_fuse(vanilla: str | Path, llm_dirs: Sequence[str | Path], data_dir: str 
     dev_raw = _data(dev_van, llm, gold, labels, False)
     dev_cal = _data(dev_van, llm, gold, labels, True)
     held = {"vanilla": dev_raw.vanilla.numpy()}
-    for name, st in SETTINGS.items():
+    for name, st in grid.items():
         hp = {k2: v for k2, v in st.items() if k2 != "calibrated"}
         held[name] = F.cross_fit(dev_cal if st["calibrated"] else dev_raw, {name: hp}, k=k, seed=seed)[name]
     chosen, dev_metrics = F.select(held, dev_raw.y.numpy(), labels)
-    best_fusion = max(SETTINGS, key=lambda n: dev_metrics[n]["weighted_f1"])
+    dev_llm = {"llm_only": _metrics(dev_raw.y.numpy(), dev_raw.llm_only(), labels),
+               "llm_only_calibrated": _metrics(dev_raw.y.numpy(), dev_cal.llm_only(), labels)}
+    best_fusion = max(grid, key=lambda n: dev_metrics[n]["weighted_f1"])
 
     # 2. refit on all of dev, evaluate once on test
     test_raw = _data(test_van, llm, gold, labels, False)
@@ -94,7 +102,7 @@ def run_fuse(vanilla: str | Path, llm_dirs: Sequence[str | Path], data_dir: str 
             "llm_only_calibrated": _metrics(y, test_cal.llm_only(), labels)}
     fitted = {}
     for name in {chosen, best_fusion} - {"vanilla"}:
-        st = SETTINGS[name]
+        st = grid[name]
         hp = {k2: v for k2, v in st.items() if k2 != "calibrated"}
         model = F.fit(dev_cal if st["calibrated"] else dev_raw, seed=seed, **hp)
         fitted[name] = model
@@ -104,7 +112,7 @@ def run_fuse(vanilla: str | Path, llm_dirs: Sequence[str | Path], data_dir: str 
     # 3. ablation over receptive-field sizes, with the best fusion setting
     ablation = {}
     subsets = [[s] for s in ablation_sizes] + ([ablation_sizes] if len(ablation_sizes) > 1 else [])
-    st = SETTINGS[best_fusion]
+    st = grid[best_fusion]
     for sub in subsets:
         key = "+".join(size_name(s) for s in sub)
         dev_d, test_d, held_s, _, pred = _fit_eval(dev_van, test_van, llm, gold, labels, st, k, seed, sub, stride)
@@ -117,7 +125,7 @@ def run_fuse(vanilla: str | Path, llm_dirs: Sequence[str | Path], data_dir: str 
     fdir.mkdir(exist_ok=True)
     cf = F.content_free_probs(llm)
     meta = {"labels": list(labels), "mode": "vanilla" if chosen == "vanilla" else "fusion", "selected": chosen,
-            "setting": {**SETTINGS.get(chosen, {}), "hidden": 16}, "calibrated": SETTINGS.get(chosen, {}).get("calibrated", False),
+            "setting": {**grid.get(chosen, {}), "hidden": 16}, "calibrated": grid.get(chosen, {}).get("calibrated", False),
             "content_free": None if cf is None else cf.tolist(), "folds": k, "seed": seed,
             "sizes": [size_name(s) for s in sizes_seen], "stride": stride}
     (fdir / "fusion.json").write_text(json.dumps(meta, indent=2))
@@ -125,6 +133,7 @@ def run_fuse(vanilla: str | Path, llm_dirs: Sequence[str | Path], data_dir: str 
         torch.save(fitted[chosen].state_dict(), fdir / "fusion.pt")
     report = {"selected": chosen, "best_fusion_setting": best_fusion,
               "dev_heldout": {n: {k2: m[k2] for k2 in ("weighted_f1", "accuracy", "macro_f1")} for n, m in dev_metrics.items()},
+              "dev_llm_only": {n: {k2: m[k2] for k2 in ("weighted_f1", "accuracy", "macro_f1")} for n, m in dev_llm.items()},
               "test": rows, "ablation_sizes": ablation,
               "n_dialogues": {"dev": len(set(dev_raw.dialogue_id)), "test": len(set(test_raw.dialogue_id))},
               "content_free": meta["content_free"], "folds": k, "seed": seed}
@@ -143,6 +152,7 @@ def markdown(r: dict) -> str:
         lines.append(f"| {n} | {m['weighted_f1']:.2f} | {m['accuracy']:.2f} | {m['macro_f1']:.2f} |")
     lines += ["", "| dev held-out | weighted F1 |", "|---|---|"]
     lines += [f"| {n} | {m['weighted_f1']:.2f} |" for n, m in r["dev_heldout"].items()]
+    lines += [f"| {n} (no fitting) | {m['weighted_f1']:.2f} |" for n, m in r.get("dev_llm_only", {}).items()]
     lines += ["", f"Ablation over receptive-field sizes ({r['best_fusion_setting']}), weighted F1:", "",
               "| sizes | dev held-out fused | test fused | test LLM-only |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['dev_heldout_fused']:.2f} | {v['test_fused']:.2f} | {v['test_llm_only']:.2f} |"
