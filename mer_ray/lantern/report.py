@@ -54,11 +54,12 @@ def _fit_eval(dev_van, test_van, llm, gold, labels, setting, k, seed, sizes=None
 
 def run_fuse(vanilla: str | Path, llm_dirs: Sequence[str | Path], data_dir: str | Path, out: str | Path,
              k: int = 5, seed: int = 0, stride: int = 1, ablation_sizes: Sequence[int | None] | None = None,
-             settings: dict[str, dict] | None = None) -> dict:
+             settings: dict[str, dict] | None = None, gold: dict | None = None) -> dict:
     """Fit fusion on dev by k-fold cross-fitting, pick by held-out weighted F1, report on test.
 
     ``settings`` maps a name to fusion hyper-parameters (``calibrated``, ``weight_decay``,
-    ``steps``, ...); the default grid is :data:`SETTINGS`.
+    ``steps``, ...); the default grid is :data:`SETTINGS`. ``gold`` (``{(dialogue_id, turn):
+    label}``) replaces MELD's gold from ``data_dir`` for other corpora (e.g. the demo's).
     """
     grid = settings or SETTINGS
     from mer_ray.data.loaders import load_meld
@@ -69,8 +70,8 @@ def run_fuse(vanilla: str | Path, llm_dirs: Sequence[str | Path], data_dir: str 
     van, labels, _ = read_vanilla(vanilla)
     llm = pa.concat_tables([load_llm_outputs(d) for d in llm_dirs], promote_options="default")
     covered = set(llm["dialogue_id"].to_pylist()) - {F.CF_DIALOGUE}
-    gold = {}
-    for split in ("dev", "test"):
+    gold = dict(gold) if gold is not None else {}
+    for split in ("dev", "test") if not gold else ():
         g = load_meld(data_dir, split)
         gold.update(zip(zip(g["dialogue_id"].to_pylist(), g["turn"].to_pylist()), g["label"].to_pylist()))
     dev_van, test_van = _split(van, "dev", covered), _split(van, "test", covered)
