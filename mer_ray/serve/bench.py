@@ -142,14 +142,22 @@ def run_bench(out, models_dir=None, config=None, n_requests: int = 500, n_llm: i
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_at_start": os.getloadavg()},
               "config": str(config or "serve/bench.yaml"), "replicas": {k: v.get("num_replicas") for k, v in options.items()},
               "models_dir": cfg.models_dir, "results": []}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(partial: bool) -> None:  # after every setting, so an interrupted run keeps what it measured
+        out.write_text(json.dumps({**report, "partial": partial}, indent=2))
+
     start_local_ray(num_cpus=num_cpus)
     try:
         url = deploy(cfg, options, port=port)
         for c, use_llm, n in settings:
-            load_http(url, dialogues, warmup, min(c, warmup), use_llm)
+            w = 1 if use_llm else warmup  # warm-up requests, not counted (one suffices to load the LLM)
+            load_http(url, dialogues, w, min(c, w), use_llm)
             res = load_http(url, dialogues, n, c, use_llm)
             print(json.dumps({k: res[k] for k in ("mode", "concurrency", "use_llm", "rps", "p50_ms", "p99_ms", "errors")}))
             report["results"].append(res)
+            save(True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -158,10 +166,12 @@ def run_bench(out, models_dir=None, config=None, n_requests: int = 500, n_llm: i
                          RefinerStage(cfg.models_dir, cfg.llm.model_dump(), cfg.llm.n_threads) if llm else None,
                          FusionStage(cfg.models_dir, th) if llm else None)
     for c, use_llm, n in settings:
-        load_inprocess(ens, dialogues, warmup, min(c, warmup), use_llm)
+        w = 1 if use_llm else warmup
+        load_inprocess(ens, dialogues, w, min(c, w), use_llm)
         res = load_inprocess(ens, dialogues, n, c, use_llm)
         print(json.dumps({k: res[k] for k in ("mode", "concurrency", "use_llm", "rps", "p50_ms", "p99_ms", "errors")}))
         report["results"].append(res)
+        save(True)
     pick = {(r["mode"], r["concurrency"], r["use_llm"]): r for r in report["results"]}
     top = max(levels)
     s, p = pick[("serve", top, False)], pick[("inprocess", top, False)]
@@ -172,6 +182,5 @@ def run_bench(out, models_dir=None, config=None, n_requests: int = 500, n_llm: i
     report["goals"] = {"zero_errors": report["errors"] == 0,
                        "serve_over_inprocess_at_least_0.7": bool(report["serve_over_inprocess"] and report["serve_over_inprocess"] >= 0.7),
                        "p99_over_p50_at_most_3": bool(report["p99_over_p50"] and report["p99_over_p50"] <= 3)}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2))
+    save(False)
     return report
