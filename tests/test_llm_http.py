@@ -75,3 +75,41 @@ def test_http_backend_error_is_recorded_not_raised():
         port = s.getsockname()[1]
     r = OpenAICompletionsScorer(f"http://127.0.0.1:{port}/v1", "none", max_workers=1).score(["x"], LABELS)
     assert not r[0].ok and r[0].error.startswith("backend error")
+
+
+def test_echo_mode_sums_exactly_the_label_tokens():
+    """Echo mode against an endpoint with OpenAI echo semantics (as vLLM): a word-level stand-in."""
+    import json as _json
+
+    import httpx
+
+    from mer_ray.llm.openai_http import OpenAICompletionsScorer
+
+    def logprob(prefix: str, token: str) -> float:  # a fixed, known 'model'
+        return -0.1 * (len(token) + len(prefix) % 7)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = _json.loads(request.content)
+        text = body["prompt"]
+        # tokens: words with their leading space; first token has no logprob, as in the API
+        toks, offs, pos = [], [], 0
+        for i, w in enumerate(text.split(" ")):
+            t = w if i == 0 else " " + w
+            toks.append(t)
+            offs.append(pos)
+            pos += len(t)
+        lps = [None] + [logprob(text[:o], t) for t, o in zip(toks[1:], offs[1:])]
+        toks.append(" X")
+        offs.append(len(text))
+        lps.append(-9.0)  # the generated token: must be ignored
+        return httpx.Response(200, json={"choices": [{"text": text + " X", "logprobs": {
+            "tokens": toks, "text_offset": offs, "token_logprobs": lps, "top_logprobs": None}}]})
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    sc = OpenAICompletionsScorer("http://vllm.invalid/v1", "m", client=client, max_workers=1)
+    prompt = "The emotion is"
+    r = sc.score([prompt], [" joy", " deep sadness"])[0]
+    assert r.ok
+    want = [logprob(prompt, " joy"), logprob(prompt, " deep") + logprob(prompt + " deep", " sadness")]
+    np.testing.assert_allclose(r.logprobs, want)
+    assert r.probs.sum() == pytest.approx(1.0)

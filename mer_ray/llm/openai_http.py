@@ -35,10 +35,13 @@ class OpenAICompletionsScorer:
         max_workers: concurrent requests.
         chat_template_from: GGUF path/name whose chat template wraps prompts (``None``: raw prompts).
         timeout: seconds per request.
+        mode: ``echo`` or ``forced`` (see the module docstring).
+        client: an ``httpx.Client`` to use instead of a new one.
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, max_workers: int = 4,
-                 chat_template_from: str | None = None, timeout: float = 120.0, mode: str = "echo"):
+                 chat_template_from: str | None = None, timeout: float = 120.0, mode: str = "echo",
+                 client=None):
         import httpx
 
         if mode not in ("echo", "forced"):
@@ -48,7 +51,7 @@ class OpenAICompletionsScorer:
         self.url = self.base + "/completions"
         self.model = model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=timeout, headers=headers)
+        self.client = client or httpx.Client(timeout=timeout, headers=headers)
         self.max_workers = max_workers
         self.name = f"openai:{model}@{base_url}"
         self._chat = None
