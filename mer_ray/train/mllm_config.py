@@ -155,6 +155,25 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Finetun
         k, v = o.split("=", 1)
         _set(raw, k.strip(), yaml.safe_load(v))
     try:
-        return FinetuneConfig(**raw)
+        cfg = FinetuneConfig(**raw)
     except Exception as e:  # pydantic's message names the bad field; add the file
         raise ValueError(f"{path}: {e}") from e
+    return absolute_paths(cfg)
+
+
+def _abs(p: str | None) -> str | None:
+    return None if p is None or "://" in p else str(Path(p).expanduser().resolve())
+
+
+def absolute_paths(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Resolve relative paths against the current directory: Ray workers run elsewhere."""
+    d = cfg.data
+    d.meld_dir, d.features = _abs(d.meld_dir), _abs(d.features)
+    d.manifests = {k: _abs(v) for k, v in d.manifests.items()}
+    cfg.out = _abs(cfg.out)
+    cfg.ray.storage_path = _abs(cfg.ray.storage_path)
+    if Path(cfg.model.base).expanduser().exists():
+        cfg.model.base = _abs(cfg.model.base)
+    if Path(cfg.deepspeed).is_file():
+        cfg.deepspeed = _abs(cfg.deepspeed)
+    return cfg
