@@ -88,6 +88,7 @@ def fuse(
     out: Optional[Path] = typer.Option(None, help="report directory; fusion artifacts in <out>/fusion/"),
     config: Optional[Path] = typer.Option(None, help="YAML config (jobs/lantern_fuse.yaml)"),
     folds: Optional[int] = typer.Option(None, help="k-fold cross-fitting on dev"),
+    stride: Optional[int] = typer.Option(None, help="the prompt job's stride (for the size ablation)"),
     seed: Optional[int] = typer.Option(None),
 ) -> None:
     """Fit the receptive-field-aware fusion on dev (k-fold cross-fitting), select, report on test."""
@@ -96,7 +97,7 @@ def fuse(
 
     cfg = load_config(FuseConfig, config, vanilla=str(vanilla) if vanilla else None,
                       llm=[str(x) for x in llm] if llm else None, data_dir=str(data_dir) if data_dir else None,
-                      out=str(out) if out else None, folds=folds, seed=seed)
+                      out=str(out) if out else None, folds=folds, stride=stride, seed=seed)
     if not (cfg.vanilla and cfg.llm and cfg.data_dir and cfg.out):
         raise typer.BadParameter("vanilla, llm, data_dir and out are required (options or --config)")
     report = run_fuse(cfg.vanilla, cfg.llm, cfg.data_dir, cfg.out, k=cfg.folds, seed=cfg.seed, stride=cfg.stride)

@@ -43,7 +43,8 @@ class FuseConfig(BaseModel):
     data_dir: str | None = Field(None, description="MELD directory (gold labels for fitting and scoring)")
     out: str | None = Field(None, description="report directory; the fusion artifacts go to <out>/fusion/")
     folds: int = Field(5, ge=2, description="k of k-fold cross-fitting on dev")
-    stride: int = Field(1, ge=1, description="the prompt job's stride (for the size ablation)")
+    stride: int | None = Field(None, ge=1, description="the prompt job's stride (size ablation); "
+                                                     "default: read from the first --llm dir's job.json")
     seed: int = 0
 
 

@@ -53,7 +53,7 @@ def _fit_eval(dev_van, test_van, llm, gold, labels, setting, k, seed, sizes=None
 
 
 def run_fuse(vanilla: str | Path, llm_dirs: Sequence[str | Path], data_dir: str | Path, out: str | Path,
-             k: int = 5, seed: int = 0, stride: int = 1, ablation_sizes: Sequence[int | None] | None = None,
+             k: int = 5, seed: int = 0, stride: int | None = None, ablation_sizes: Sequence[int | None] | None = None,
              settings: dict[str, dict] | None = None, gold: dict | None = None) -> dict:
     """Fit fusion on dev by k-fold cross-fitting, pick by held-out weighted F1, report on test.
 
@@ -67,6 +67,9 @@ def run_fuse(vanilla: str | Path, llm_dirs: Sequence[str | Path], data_dir: str 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if stride is None:
+        job = Path(llm_dirs[0]) / "job.json"
+        stride = json.loads(job.read_text()).get("stride", 1) if job.exists() else 1
     van, labels, _ = read_vanilla(vanilla)
     llm = pa.concat_tables([load_llm_outputs(d) for d in llm_dirs], promote_options="default")
     covered = set(llm["dialogue_id"].to_pylist()) - {F.CF_DIALOGUE}
@@ -137,7 +140,7 @@ def run_fuse(vanilla: str | Path, llm_dirs: Sequence[str | Path], data_dir: str 
               "dev_llm_only": {n: {k2: m[k2] for k2 in ("weighted_f1", "accuracy", "macro_f1")} for n, m in dev_llm.items()},
               "test": rows, "ablation_sizes": ablation,
               "n_dialogues": {"dev": len(set(dev_raw.dialogue_id)), "test": len(set(test_raw.dialogue_id))},
-              "content_free": meta["content_free"], "folds": k, "seed": seed}
+              "content_free": meta["content_free"], "folds": k, "seed": seed, "stride": stride}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
     plot(report, out / "report.png")
