@@ -61,3 +61,16 @@ def test_table_without_media_root_is_text_only(tmp_path):
     assert root == str(tmp_path.resolve()) and cfg.media is True
     out = run_local(t, config={"faces": False, "audio_encoder": "none"})
     assert out.column("status").to_pylist() == ["ok", "ok"] and out.column("n_frames").null_count == 2
+
+
+def test_empty_manifest_gives_an_empty_typed_store(tmp_path):
+    import pyarrow as pa
+
+    from mer_ray.features.pipeline import run_extract
+
+    t = pa.table({"dialogue_id": pa.array([], pa.string()), "turn": pa.array([], pa.int64()),
+                  "speaker": pa.array([], pa.string()), "text": pa.array([], pa.string())})
+    summary = run_extract(t, tmp_path / "empty", progress=False)  # no rows: Ray is not even started
+    store = pds.dataset(str(tmp_path / "empty"), format="parquet").to_table()
+    assert summary["rows"] == store.num_rows == 0
+    assert {"status", "text_embedding", "face_embedding"} <= set(store.column_names)

@@ -163,7 +163,9 @@ def run_extract(manifest, out_dir, media_root=None, config=None, progress: bool 
     has_media = cfg.media and _has_media(table)
     stage_seconds: dict = {}
     metadata = {"face_labels": list(FER_LABELS), "extract_config": cfg.model_dump(), "media_root": root}
-    if pending and n:
+    if pending and not n:  # an empty manifest still gives a readable, typed (empty) store
+        _write_shard(out, 0, [table.append_column("_row", pa.array([], pa.int64()))], table.column_names, metadata)
+    elif pending:
         started = False
         if not ray.is_initialized():
             env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
@@ -184,10 +186,10 @@ def run_extract(manifest, out_dir, media_root=None, config=None, progress: bool 
     return summary
 
 
-def _run_ray(table, out, pending, cfg, root, has_media, metadata, progress) -> None:
+def _run_ray(table, out, pending, cfg, root, has_media, metadata, progress) -> dict:
+    """Cut the pending shards into units and run the stages on Ray; returns seconds per stage."""
     import pyarrow.compute as pc
     import ray
-    from tqdm import tqdm
 
     n = table.num_rows
     manifest_cols = list(table.column_names)
@@ -202,7 +204,18 @@ def _run_ray(table, out, pending, cfg, root, has_media, metadata, progress) -> N
     stages = build_stages(cfg, root, has_media)
     factor = _fit_resources(stages, ray.cluster_resources().get("CPU", 1.0))
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    saved, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # our bar counts utterances instead
+    try:
+        return _execute(ray, units, stages, factor, expected, out, manifest_cols, metadata, progress)
+    finally:
+        ctx.enable_progress_bars = saved
+
+
+def _execute(ray, units, stages, factor, expected, out, manifest_cols, metadata, progress) -> dict:
+    """Run the stages over the units; write each shard as soon as all its rows are in."""
+    import pyarrow.compute as pc
+    from tqdm import tqdm
+
     ds = ray.data.from_arrow(units)
     for st in stages:
         r = st.resources
@@ -235,6 +248,8 @@ def summarize(out_dir) -> dict:
     """Counts per status and the most common reasons, over a feature store."""
     import pyarrow.dataset as pds
 
+    if not any(Path(out_dir).glob("part-*.parquet")):  # an empty manifest
+        return {"rows": 0, "status": {"ok": 0, "partial": 0, "failed": 0}, "top_reasons": []}
     t = pds.dataset(str(out_dir), format="parquet").to_table(columns=["status", "error"])
     status = Counter(t.column("status").to_pylist())
     reasons: Counter = Counter()
