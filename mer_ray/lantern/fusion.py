@@ -172,8 +172,11 @@ def cross_fit(data: FusionData, settings: dict[str, dict], k: int = 5, seed: int
 
 def select(heldout: dict[str, np.ndarray], y: np.ndarray, labels: Sequence[str]) -> tuple[str, dict[str, dict]]:
     """Pick the setting with the best held-out weighted F1; vanilla wins ties. Returns (name, metrics)."""
+    import warnings
+
     from mer_ray.eval.metrics import compute_metrics
 
+    warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
     yt = [labels[i] for i in y]
     metrics = {n: compute_metrics(yt, [labels[i] for i in p.argmax(1)], list(labels)) for n, p in heldout.items()}
     best = "vanilla"
