@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def start_ray(num_cpus: int) -> bool:
 
     if ray.is_initialized():
         return False
+    # Ray nices workers to 15 by default; the LLM actors are this job's main work, and a
+    # benchmark comparing them with an in-process loop must not handicap them.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, object_store_memory=int(2e8),
              log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     return True
