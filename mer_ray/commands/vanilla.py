@@ -10,6 +10,9 @@ import typer
 
 from mer_ray.cli import app, bench_app, lantern_app, predict_app  # noqa: F401
 
+#: The MELD recipe that `mer pipeline --dataset meld` runs when no --config is given.
+MELD_RECIPE = Path(__file__).resolve().parents[2] / "jobs" / "vanilla_meld.yaml"
+
 
 def _gold_table(dataset: str, data: Path):
     from mer_ray.pipeline import load_dataset
@@ -104,7 +107,7 @@ def pipeline(
     data_dir: Optional[Path] = typer.Option(None, help="the MELD directory (dataset=meld)"),
     manifest: Optional[Path] = typer.Option(None, help="the manifest file (dataset=manifest)"),
     media_root: Optional[Path] = typer.Option(None, help="where manifest media paths resolve"),
-    config: Optional[Path] = typer.Option(None, help="a jobs/vanilla_*.yaml (default: the built-in MELD recipe, same as jobs/vanilla_meld.yaml)"),
+    config: Optional[Path] = typer.Option(None, help="a jobs/vanilla_*.yaml (default for --dataset meld: jobs/vanilla_meld.yaml)"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds overriding the config's"),
 ) -> None:
     """extract -> train (one Ray Train run per seed, selected on dev) -> predict -> eval; writes report.json."""
@@ -114,6 +117,8 @@ def pipeline(
     if data is None:
         raise typer.BadParameter("give --data-dir for meld or --manifest for manifest")
     overrides = {"dataset": dataset, **({"seeds": [int(s) for s in seeds.split(",")]} if seeds else {})}
+    if config is None and dataset == "meld":
+        config = MELD_RECIPE if MELD_RECIPE.exists() else None  # the documented MELD run
     cfg = load_config(config, overrides)
     report = run_pipeline(cfg, data, out, media_root)
     for split in cfg.predict_splits:

@@ -51,10 +51,10 @@ class VanillaConfig(BaseModel):
     """Whether to have a valence/arousal/dominance regression head."""
     max_tokens: int = Field(48, ge=8)
     """Token budget per utterance for the fine-tuned encoder (``Speaker: text``)."""
-    text_context: Literal["utterance", "dialogue"] = "dialogue"
+    text_context: Literal["utterance", "dialogue"] = "utterance"
     """Fine-tuned encoder input: each utterance alone (``[CLS] u [SEP]``), or consecutive utterances
     of a dialogue packed into one sequence (``[CLS] u1 [SEP] u2 [SEP] ...``, each utterance mean-pooled
-    over its own tokens) so words attend across turns at no extra tokens."""
+    over its own tokens) so words attend across turns at no extra tokens (worse on MELD dev)."""
     window_tokens: int = Field(256, ge=16, le=512)
     """Longest packed sequence (``dialogue`` context); longer dialogues are cut into windows."""
     freeze_embeddings: bool = True
