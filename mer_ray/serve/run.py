@@ -30,8 +30,16 @@ def start_local_ray(num_cpus: float | None = None, object_store_memory: int = 25
     import ray
 
     env_vars = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             object_store_memory=object_store_memory, _temp_dir=temp_dir, runtime_env={"env_vars": env_vars})
+    for attempt in range(3):  # Ray gives its raylet a fixed 30 s to register: a loaded machine can miss it
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     object_store_memory=object_store_memory, _temp_dir=temp_dir, runtime_env={"env_vars": env_vars})
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            print(f"local Ray did not start in time (machine busy?); retrying ({attempt + 1}/2)", flush=True)
+            ray.shutdown()
 
 
 def deploy(cfg: ServeConfig, options: dict[str, dict], host: str = "127.0.0.1", port: int = 8000,
