@@ -7,6 +7,7 @@ Prediction files carry no gold; gold comes from the dataset and is joined on
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def plot_confusion(confusion: Sequence[Sequence[float]], labels: Sequence[str], 
             ax.text(j, i, f"{cm[i, j]:.0f}", ha="center", va="center", fontsize=8, color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 60), fontsize=9)
     fig.colorbar(im, ax=ax, label="fraction of gold row")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -78,7 +79,7 @@ def plot_per_class(per_class: dict[str, float], per_class_std: dict[str, float] 
     ax.bar(labels, [per_class[k] for k in labels], yerr=err, capsize=3, color="#4c72b0")
     ax.set_ylabel("F1 (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 60), fontsize=9)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
