@@ -25,8 +25,16 @@ class DemoContext:
     """The demo run directory."""
     n_dialogues: int = 60
     """Generated dialogues."""
-    media: bool = False
-    """Generate media clips too (multimodal features)."""
+    media: bool = True
+    """Generate media clips too (video with a face, audio) and extract every modality."""
+    n_frames: int = 4
+    """Frames sampled per utterance during extraction (the clips are short)."""
+    llm: str = "gemma3-270m"
+    """Embedded LLM for Lantern prompting (``gemma3-270m`` or ``smollm2-135m-instruct``) or a GGUF path."""
+    lantern_sizes: tuple = (4, None)
+    """Receptive-field sizes for Lantern (None = the whole dialogue)."""
+    serve_port: int = 8000
+    """Port of the final serving check on 127.0.0.1."""
     epochs: int = 12
     """Vanilla training epochs (frozen-feature mode: seconds each)."""
     seed: int = 0
@@ -51,7 +59,8 @@ def stage_extract(ctx: DemoContext) -> None:
     from mer_ray.features.pipeline import run_extract
 
     ctx.paths["store"] = ctx.out / "features"
-    summary = run_extract(ctx.paths["manifest"], ctx.paths["store"], media_root=ctx.out / "corpus" / "media" if ctx.media else None)
+    summary = run_extract(ctx.paths["manifest"], ctx.paths["store"], media_root=ctx.out / "corpus" / "media" if ctx.media else None,
+                          config={"n_frames": ctx.n_frames})
     ctx.results["extract"] = {k: summary.get(k) for k in ("rows", "status", "seconds")}
 
 
@@ -108,9 +117,49 @@ def stage_eval(ctx: DemoContext) -> None:
     ctx.results["eval"] = {s: round(report[s]["weighted_f1"], 2) for s in ("dev", "test")}
 
 
-#: The demo, in order. Append (name, function) pairs to extend it.
+def stage_lantern(ctx: DemoContext) -> None:
+    """Lantern: prompt the embedded LLM per receptive field, fit fusion on dev, report on test."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mer_ray.data.loaders import load_manifest
+    from mer_ray.lantern.config import PromptJobConfig
+    from mer_ray.lantern.pipeline import prompt_main
+    from mer_ray.lantern.report import run_fuse
+
+    # One vanilla file for both splits (the prompt job reads its `split` column).
+    parts = [pq.read_table(ctx.paths[f"predictions_{s}"]) for s in ("dev", "test")]
+    vanilla = ctx.out / "predictions" / "predictions_dev_test.parquet"
+    pq.write_table(pa.concat_tables(parts).replace_schema_metadata(parts[0].schema.metadata), vanilla)
+    prompts = ctx.out / "lantern" / "prompts"
+    cfg = PromptJobConfig(vanilla=str(vanilla), out=str(prompts), sizes=list(ctx.lantern_sizes),
+                          backend={"kind": "llama_cpp", "model": ctx.llm, "n_threads": 1}, actors=2, cpus_per_actor=1.0)
+    summary = prompt_main(cfg)
+    gold = load_manifest(ctx.paths["manifest"])
+    gold_map = dict(zip(zip(gold["dialogue_id"].to_pylist(), gold["turn"].to_pylist()), gold["label"].to_pylist()))
+    report = run_fuse(vanilla, [prompts], data_dir="", out=ctx.out / "lantern" / "fuse", k=3, gold=gold_map)
+    models_fusion = ctx.out / "models" / "fusion"
+    shutil.copytree(ctx.out / "lantern" / "fuse" / "fusion", models_fusion, dirs_exist_ok=True)
+    ctx.paths["lantern_report"] = ctx.out / "lantern" / "fuse" / "report.md"
+    ctx.results["lantern"] = {"queries": summary.get("counts", summary.get("n_queries")), "selected": report["selected"],
+                              "test_weighted_f1": {k: round(v["weighted_f1"], 2) for k, v in report["test"].items()}}
+
+
+def stage_serve(ctx: DemoContext) -> None:
+    """Ray Serve: start the ensemble on 127.0.0.1, send a real request, print the answer and the URL."""
+    from mer_ray.serve.demo import serve_demo
+
+    url = serve_demo(str(ctx.out / "models"), port=ctx.serve_port)
+    ctx.results["serve"] = {"url": url, "run_it": f"mer serve --models {ctx.out / 'models'} --port {ctx.serve_port}"}
+
+
+#: The demo, in order. Append (name, function) pairs to extend it. `mer serve` trains missing
+#: demo models with every stage except "serve" (so it cannot recurse).
 STAGES: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("corpus", stage_corpus), ("extract", stage_extract), ("train", stage_train), ("predict", stage_predict), ("eval", stage_eval),
+    ("lantern", stage_lantern), ("serve", stage_serve),
 ]
 
 

@@ -73,9 +73,10 @@ def run_fuse(vanilla: str | Path, llm_dirs: Sequence[str | Path], data_dir: str 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    job_path = Path(llm_dirs[0]) / "job.json"
+    job = json.loads(job_path.read_text()) if job_path.exists() else {}
     if stride is None:
-        job = Path(llm_dirs[0]) / "job.json"
-        stride = json.loads(job.read_text()).get("stride", 1) if job.exists() else 1
+        stride = job.get("stride", 1)
     van, labels, _ = read_vanilla(vanilla)
     llm = pa.concat_tables([load_llm_outputs(d) for d in llm_dirs], promote_options="default")
     covered = set(llm["dialogue_id"].to_pylist()) - {F.CF_DIALOGUE}
@@ -137,7 +138,9 @@ def run_fuse(vanilla: str | Path, llm_dirs: Sequence[str | Path], data_dir: str 
     meta = {"labels": list(labels), "mode": "vanilla" if chosen == "vanilla" else "fusion", "selected": chosen,
             "setting": {**grid.get(chosen, {}), "hidden": 16}, "calibrated": grid.get(chosen, {}).get("calibrated", False),
             "content_free": None if cf is None else cf.tolist(), "folds": k, "seed": seed,
-            "sizes": [size_name(s) for s in sizes_seen], "stride": stride}
+            "sizes": [size_name(s) for s in sizes_seen], "stride": stride,
+            # the LLM the fusion was fitted on: serving must prompt the same one
+            "backend": {k2: v for k2, v in (job.get("backend") or {}).items() if k2 in ("kind", "model")} or None}
     (fdir / "fusion.json").write_text(json.dumps(meta, indent=2))
     if chosen != "vanilla":
         torch.save(fitted[chosen].state_dict(), fdir / "fusion.pt")
