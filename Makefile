@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/mer demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not gpu" -q --timeout=900 tests
+	$(BIN)/python -m pytest -m "not gpu" -q --timeout=900 --durations=15 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q tests

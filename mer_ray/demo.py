@@ -143,7 +143,8 @@ def stage_lantern(ctx: DemoContext) -> None:
     models_fusion = ctx.out / "models" / "fusion"
     shutil.copytree(ctx.out / "lantern" / "fuse" / "fusion", models_fusion, dirs_exist_ok=True)
     ctx.paths["lantern_report"] = ctx.out / "lantern" / "fuse" / "report.md"
-    ctx.results["lantern"] = {"queries": summary.get("counts", summary.get("n_queries")), "selected": report["selected"],
+    ctx.results["lantern"] = {**{k: summary.get(k) for k in ("queries", "ok", "failed", "tokens_evaluated", "tokens_reused")},
+                              "selected": report["selected"],
                               "test_weighted_f1": {k: round(v["weighted_f1"], 2) for k, v in report["test"].items()}}
 
 
