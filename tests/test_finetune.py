@@ -190,7 +190,11 @@ def test_ray_job_submit_cpu_config_then_predict(meld_dir, tmp_path):
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "sub.parquet"), str(feats), str(tmp_path)], env=env, check=True, timeout=400)
     temp_dir = f"/tmp/mer-ft-{os.getpid()}-{int(time.time())}"
     port, dash = _free_port(), _free_port()
-    head = ["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=3",
+    # Own agent ports too: the default agent listen port (52365) is taken when another local Ray
+    # (the session's `ray_local`) is up, and the head's job agent then never registers.
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--runtime-env-agent-port={_free_port()}"]
+    head = ["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=3", *agent_ports,
             f"--temp-dir={temp_dir}", "--object-store-memory=200000000", "--include-dashboard=true", "--disable-usage-stats"]
     out_dir = tmp_path / "ft"
     try:
