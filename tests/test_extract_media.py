@@ -76,6 +76,31 @@ def test_statuses_and_output_contract(clean_run, media_manifest):
     assert state and all(n.startswith(("_", ".")) for n in state)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_one_pool_per_stage_equals_the_fused_pool(ray_local, clean_run, media_manifest):
+    """``fuse: false`` (one actor pool per stage, frames through the object store) gives the same table as the
+    default fused pool (all stages in one actor)."""
+    import numpy as np
+
+    from mer_ray.features.pipeline import run_extract
+
+    base, manifest = media_manifest
+    summary = run_extract(manifest, base / "per_stage", media_root=base / "root", config={**CONFIG, "fuse": False},
+                          progress=False)
+    assert set(summary["stage_seconds"]) == {"decode", "face", "expression", "audio", "text"}
+    assert set(clean_run[0]["stage_seconds"]) == {"decode", "face", "expression", "audio", "text"}
+    per_stage, fused = _read(base / "per_stage"), clean_run[1]
+    assert per_stage.column_names == fused.column_names
+    for a, b in zip(per_stage.to_pylist(), fused.to_pylist()):
+        for k, va in a.items():
+            vb = b[k]
+            if isinstance(va, list) and va and isinstance(va[0], float):
+                assert np.allclose(va, vb, atol=1e-6), (a["case"], k)
+            else:
+                assert va == vb, (a["case"], k)
+
+
 def _kill_tree(proc: subprocess.Popen) -> None:
     import psutil
 

@@ -69,8 +69,9 @@ def _child(mode: str, manifest: str, work: str) -> dict:
         wall = time.perf_counter() - t0
         ray.shutdown()
         return {"wall_seconds": wall, "stage_seconds": summary["stage_seconds"], "status": summary["status"],
-                "threads": {"per_actor": cfg.threads, "pools": {k: getattr(cfg, k).model_dump() for k in
-                                                                ("decode", "face", "expression", "audio", "text_stage")}}}
+                "threads": {"per_actor": cfg.threads, "fused": cfg.fuse,
+                            "pools": ({"fused": cfg.fused.model_dump()} if cfg.fuse else
+                                      {k: getattr(cfg, k).model_dump() for k in ("decode", "face", "expression", "audio", "text_stage")})}}
     from mer_ray.features.local import run_local
 
     threads = None if mode == "loop_default" else 1

@@ -78,6 +78,14 @@ class ExtractConfig(BaseModel):
     """The audio encoder."""
     text_stage: StageResources = StageResources(num_cpus=0.5, pool_size=1)
     """The text encoder."""
+    fuse: bool = True
+    """Run every stage back to back in one actor per pool slot (:class:`~mer_ray.features.stages.FusedStage`)
+    when no stage asks for GPUs: decoded frames never travel through the object store, and each worker
+    starts once instead of once per stage. Set false (or give a stage GPUs) for one actor pool per stage,
+    e.g. CPU decoding feeding GPU encoders."""
+    fused: StageResources = StageResources(num_cpus=1.0, pool_size=2)
+    """Resources of the fused pool (default: one core and one actor per core of a 2-core machine; raise
+    ``pool_size`` with the cluster's cores)."""
     threads: int | None = Field(1, ge=1)
     """Threads per library (torch, OpenCV, FFmpeg) in every worker; 1 is fastest for these small
     models when the pool gives each actor a fraction of a core. Null leaves each library's default."""
@@ -90,7 +98,7 @@ class ExtractConfig(BaseModel):
 
     def sha256(self) -> str:
         """Hash of the settings that change the output (resources excluded)."""
-        keep = self.model_dump(exclude={"object_store_mb", "batch_rows", "text_batch_rows", "decode", "face", "expression", "image", "audio", "text_stage", "threads"})
+        keep = self.model_dump(exclude={"object_store_mb", "batch_rows", "text_batch_rows", "decode", "face", "expression", "image", "audio", "text_stage", "threads", "fuse", "fused"})
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 

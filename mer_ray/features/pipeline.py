@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from mer_ray.features.columns import FER_LABELS, INTERNAL, OUTPUT, finalize, to_table
 from mer_ray.features.config import ExtractConfig, load_config
-from mer_ray.features.stages import ArrowStage, build_stages
+from mer_ray.features.stages import ArrowStage, FusedStage, build_stages, fuse_stages
 
 log = logging.getLogger(__name__)
 STATE = "_extract_state.json"
@@ -202,6 +202,8 @@ def _run_ray(table, out, pending, cfg, root, has_media, metadata, progress) -> d
         expected[s] = hi - lo
         units += [table.slice(i, min(unit, hi - i)) for i in range(lo, hi, unit)]
     stages = build_stages(cfg, root, has_media)
+    if cfg.fuse and len(stages) > 1 and not any(s.resources.num_gpus for s in stages):
+        stages = [fuse_stages(stages, cfg.fused)]
     factor = _fit_resources(stages, ray.cluster_resources().get("CPU", 1.0))
     ctx = ray.data.DataContext.get_current()
     saved, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # our bar counts utterances instead
@@ -219,7 +221,9 @@ def _execute(ray, units, stages, factor, expected, out, manifest_cols, metadata,
     ds = ray.data.from_arrow(units)
     for st in stages:
         r = st.resources
-        ds = ds.map_batches(ArrowStage, fn_constructor_args=(st.name, st.cls, st.kwargs, st.drop), batch_size=None,
+        actor, args = (FusedStage, (st.kwargs["parts"], st.drop)) if st.cls.endswith(":FusedStage") else \
+            (ArrowStage, (st.name, st.cls, st.kwargs, st.drop))
+        ds = ds.map_batches(actor, fn_constructor_args=args, batch_size=None,
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=r.pool_size),
                             num_cpus=r.num_cpus * factor, num_gpus=r.num_gpus or None)
     buffers: dict[int, list] = defaultdict(list)

@@ -127,7 +127,7 @@ def run_bench(out, models_dir=None, config=None, n_requests: int = 500, n_llm: i
     from mer_ray.serve.app import ensure_models
     from mer_ray.serve.featurize import FeaturizerStage
     from mer_ray.serve.pipeline import Ensemble
-    from mer_ray.serve.run import deploy, resolve, start_local_ray
+    from mer_ray.serve.run import deploy, resolve, serve_env, start_local_ray
 
     cfg, options, _ = resolve(config or REPO / "serve" / "bench.yaml", models_dir=models_dir)
     if any("autoscaling_config" in o for o in options.values()):
@@ -141,7 +141,7 @@ def run_bench(out, models_dir=None, config=None, n_requests: int = 500, n_llm: i
     report = {"command": "mer bench serve", "payloads": source, "n_dialogues": len(dialogues),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_at_start": os.getloadavg()},
               "config": str(config or "serve/bench.yaml"), "replicas": {k: v.get("num_replicas") for k, v in options.items()},
-              "models_dir": cfg.models_dir, "results": []}
+              "models_dir": cfg.models_dir, "serve_env": serve_env(), "torch_threads": cfg.torch_threads, "results": []}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

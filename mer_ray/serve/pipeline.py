@@ -78,7 +78,11 @@ class Ensemble:
                    th(refiner and refiner.refine), th(fusion and fusion.fuse), th(mllm and mllm.predict), mllm_weight)
 
     async def model_label_set(self) -> str:
-        return await self.label_set()
+        # The model's label set is fixed for a deployment's lifetime: ask once, not on every request (one handle
+        # call fewer per request; a failed first call is not cached).
+        if getattr(self, "_label_set_cache", None) is None:
+            self._label_set_cache = await self.label_set()
+        return self._label_set_cache
 
     async def predict_rows(self, rows: list[dict], use_llm: bool, label_set: str | None, targets: list[int] | None = None,
                            timing: dict[str, float] | None = None) -> dict:
