@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.eval.splits and not args.no_eval:
         from mer_ray.train.mllm_eval import run_eval
 
-        res = run_eval(cfg, cfg.out, Path(cfg.out) / "eval.json")
+        res = run_eval(cfg, cfg.out, Path(cfg.out) / "eval.json", device=cfg.eval.resolved_device())
         print("EVAL", json.dumps({s: {k: res["finetuned"][s][k] for k in ("n", "weighted_f1", "accuracy")} for s in cfg.eval.splits}), flush=True)
         summary["eval"] = res
     return summary

@@ -44,12 +44,11 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import torch
 
-    from mer_ray.data.labels import get_label_set
-    from mer_ray.mllm_data import Collator, load_split, stratified_keys
+    from mer_ray.mllm_data import load_split, stratified_keys
     from mer_ray.mllm_predict import MLLMPredictor, evaluate
-    from mer_ray.models.mllm_build import build_model, save_artifacts, set_trainable, trainable_groups
-    from mer_ray.train.mllm import artifact_meta, make_examples, micro_batches, set_stage_lrs, train_step
-    from mer_ray.train.mllm_config import deepspeed_config, load_config
+    from mer_ray.models.mllm_build import save_artifacts
+    from mer_ray.train.mllm import artifact_meta, micro_batches, set_stage_lrs, setup_training, train_step
+    from mer_ray.train.mllm_config import load_config
 
     cfg = load_config(args.config, args.overrides)
     work = Path(args.out or tempfile.mkdtemp(prefix="mer-gpu-check-"))
@@ -65,19 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
         del m
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     t0 = time.time()
-    if cfg.train.mode == "projector":
-        cfg.model.lora = None
-    model, tok = build_model(cfg.model)
-    set_trainable(model)
-    examples, _, shots, weights = make_examples(cfg, cfg.data.train_split)
-    labels = get_label_set(cfg.model.label_set).labels
-    collate = Collator(tok, labels, weights, cfg.prompt.max_tokens)
-    groups = trainable_groups(model)
-    names = list(groups)
-    params = [{"params": groups[n], "lr": cfg.train.projector_lr if n == "projector" else cfg.train.lr} for n in names]
-    ds_cfg = deepspeed_config(cfg, 1)
-    client = None if "optimizer" in ds_cfg else torch.optim.AdamW(params)
-    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=client, model_parameters=None if client else params, config=ds_cfg)
+    ts = setup_training(cfg, 1)  # exactly the job's model, examples, collator, parameter groups and optimizer
+    model, examples, shots, weights, labels, collate, names = ts.model, ts.examples, ts.shots, ts.weights, ts.labels, ts.collate, ts.names
+    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=ts.client_opt,
+                                             model_parameters=None if ts.client_opt else ts.params, config=ts.ds_cfg)
     startup = time.time() - t0
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
     times, toks, losses = [], 0, []

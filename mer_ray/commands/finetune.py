@@ -47,7 +47,7 @@ def finetune(
 
         art = eval_only or Path(cfg.out)
         out_dir = Path(cfg.out)
-        res = run_eval(cfg, art, out_dir / "eval.json")
+        res = run_eval(cfg, art, out_dir / "eval.json", device=cfg.eval.resolved_device())
         _plot(res, out_dir / "eval.png")
         typer.echo(json.dumps(_headline(res), indent=1))
 

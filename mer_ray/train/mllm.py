@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -85,6 +86,42 @@ def fix_cuda_arch_env() -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d+\.\d+)[a-zA-Z]+", r"\1", v)
 
 
+@dataclass
+class TrainingSetup:
+    """What a training process needs before ``deepspeed.initialize``: the job and ``jobs/gpu_check.py`` share it."""
+
+    model: torch.nn.Module
+    tok: object
+    examples: list
+    shots: list
+    weights: dict
+    labels: tuple[str, ...]
+    collate: Collator
+    names: list[str]
+    params: list[dict]
+    ds_cfg: dict
+    client_opt: torch.optim.Optimizer | None
+
+
+def setup_training(cfg: FinetuneConfig, world: int) -> TrainingSetup:
+    """Model (projectors, LoRA per mode), training examples, collator, parameter groups, DeepSpeed config and
+    the client optimizer (``torch.optim.AdamW`` unless the DeepSpeed config names its own optimizer)."""
+    if cfg.train.mode == "projector":
+        cfg.model.lora = None
+    model, tok = build_model(cfg.model)
+    set_trainable(model)
+    examples, _, shots, weights = make_examples(cfg, cfg.data.train_split)
+    labels = model_labels(cfg)
+    collate = Collator(tok, labels, weights, cfg.prompt.max_tokens, reasoning_weight=cfg.prompt.reasoning_weight)
+    groups = trainable_groups(model)
+    names = list(groups)
+    params = [{"params": groups[n], "lr": cfg.train.projector_lr if n == "projector" else cfg.train.lr,
+               "weight_decay": cfg.train.weight_decay} for n in names]
+    ds_cfg = deepspeed_config(cfg, world)
+    client_opt = None if "optimizer" in ds_cfg else torch.optim.AdamW(params)
+    return TrainingSetup(model, tok, examples, shots, weights, labels, collate, names, params, ds_cfg, client_opt)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: build the model, DeepSpeed, resume if a checkpoint exists, train, report."""
     fix_cuda_arch_env()
@@ -96,19 +133,10 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)
     t0 = time.time()
-    if cfg.train.mode == "projector":
-        cfg.model.lora = None
-    model, tok = build_model(cfg.model)
-    set_trainable(model)
-    examples, _, shots, weights = make_examples(cfg, cfg.data.train_split)
-    labels = model_labels(cfg)
-    collate = Collator(tok, labels, weights, cfg.prompt.max_tokens, reasoning_weight=cfg.prompt.reasoning_weight)
-    groups = trainable_groups(model)
-    names = list(groups)
-    params = [{"params": groups[n], "lr": cfg.train.projector_lr if n == "projector" else cfg.train.lr, "weight_decay": cfg.train.weight_decay} for n in names]
-    ds_cfg = deepspeed_config(cfg, world)
-    client_opt = None if "optimizer" in ds_cfg else torch.optim.AdamW(params)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=None if client_opt else params, config=ds_cfg)
+    ts = setup_training(cfg, world)
+    model, examples, shots, weights, labels, collate, names = ts.model, ts.examples, ts.shots, ts.weights, ts.labels, ts.collate, ts.names
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=ts.client_opt,
+                                                   model_parameters=None if ts.client_opt else ts.params, config=ts.ds_cfg)
     start, done_s = 0, 0.0
     ckpt = ray.train.get_checkpoint()
     if ckpt:

@@ -70,6 +70,14 @@ class EvalSettings(BaseModel):
     seed: int = Field(0, description="Seed of the subsets.")
     baseline_shots: list[int] = Field(default_factory=list, description="Also score the untrained base model with these shot counts (chosen on the first split).")
     batch_size: int = Field(4, gt=0, description="Prompts per forward pass.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the evaluation runs (auto: CUDA when the driver process sees a GPU).")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class FinetuneConfig(BaseModel):
