@@ -50,6 +50,16 @@ def test_shipped_config_parses_and_names_its_command(path):
     assert "auto" not in json.dumps(ds)
 
 
+def test_readme_gives_the_cpu_job_as_one_ray_job_submit_line():
+    """The README's CPU job is one complete line starting with ``ray job submit``, the same as the config's header."""
+    lines = [ln.strip() for ln in (REPO / "README.md").read_text().splitlines()]
+    readme = [ln for ln in lines if ln.startswith("ray job submit") and "jobs/finetune_cpu.yaml" in ln]
+    assert len(readme) == 1, readme
+    header = next(ln for ln in (REPO / "jobs" / "finetune_cpu.yaml").read_text().splitlines()
+                  if ln.startswith("#") and "ray job submit" in ln)
+    assert shlex.split(readme[0].split("ray job submit", 1)[1]) == shlex.split(header.split("ray job submit", 1)[1])
+
+
 def test_config_errors_name_the_problem(tmp_path):
     from mer_ray.train.mllm_config import load_config
 
