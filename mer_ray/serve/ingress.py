@@ -55,16 +55,10 @@ class Ingress:
                             refiner.refine.remote if refiner else None, fusion.fuse.remote if fusion else None,
                             mllm.predict.remote if mllm else None)
         self.store = _Store(self.cfg.sessions)
-        self._model_set: str | None = None
-
-    async def _model_label_set(self) -> str:
-        if self._model_set is None:
-            self._model_set = await self.ens.label_set()
-        return self._model_set
 
     async def _labels(self, label_set: str | None, use_llm: bool) -> tuple[str | None, bool]:
         try:
-            label_map(await self._model_label_set(), label_set)
+            label_map(await self.ens.model_label_set(), label_set)
         except LabelSetError as e:
             raise ApiError(422, str(e)) from None
         return label_set, use_llm and self.ens.refine is not None
@@ -77,12 +71,12 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model_label_set": await self._model_label_set(), "llm": self.ens.refine is not None,
+        return {"status": "ok", "model_label_set": await self.ens.model_label_set(), "llm": self.ens.refine is not None,
                 "mllm": self.ens.mllm is not None}
 
     @api.get("/v1/labels", response_model=S.LabelsResponse)
     async def labels(self) -> S.LabelsResponse:
-        m = await self._model_label_set()
+        m = await self.ens.model_label_set()
         return S.LabelsResponse(model_label_set=m, label_sets={k: list(v.labels) for k, v in LABEL_SETS.items()},
                                 available=available_label_sets(m))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import numpy as np
@@ -66,6 +66,7 @@ class Ensemble:
     fuse: Stage | None = None
     mllm: Stage | None = None
     mllm_weight: float = 0.5
+    _label_set: str | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def local(cls, featurizer, vanilla, refiner=None, fusion=None, mllm=None, mllm_weight: float = 0.5) -> "Ensemble":
@@ -78,11 +79,11 @@ class Ensemble:
                    th(refiner and refiner.refine), th(fusion and fusion.fuse), th(mllm and mllm.predict), mllm_weight)
 
     async def model_label_set(self) -> str:
-        # The model's label set is fixed for a deployment's lifetime: ask once, not on every request (one handle
-        # call fewer per request; a failed first call is not cached).
-        if getattr(self, "_label_set_cache", None) is None:
-            self._label_set_cache = await self.label_set()
-        return self._label_set_cache
+        """The label set the models predict. Fixed for a deployment's lifetime, so asked once (a failed first call
+        is not cached); the ingress and every request share this one answer."""
+        if self._label_set is None:
+            self._label_set = await self.label_set()
+        return self._label_set
 
     async def predict_rows(self, rows: list[dict], use_llm: bool, label_set: str | None, targets: list[int] | None = None,
                            timing: dict[str, float] | None = None) -> dict:
