@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     ts = setup_training(cfg, 1)  # exactly the job's model, examples, collator, parameter groups and optimizer
     model, examples, shots, weights, labels, collate, names = ts.model, ts.examples, ts.shots, ts.weights, ts.labels, ts.collate, ts.names
-    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=ts.client_opt,
-                                             model_parameters=None if ts.client_opt else ts.params, config=ts.ds_cfg)
+    engine, opt = ts.initialize()
     startup = time.time() - t0
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
     times, toks, losses = [], 0, []

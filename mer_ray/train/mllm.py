@@ -102,6 +102,15 @@ class TrainingSetup:
     ds_cfg: dict
     client_opt: torch.optim.Optimizer | None
 
+    def initialize(self):
+        """``deepspeed.initialize`` on this setup: (engine, optimizer). The client optimizer when there is one,
+        else DeepSpeed builds its own from the parameter groups."""
+        import deepspeed
+
+        engine, optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=self.client_opt, config=self.ds_cfg,
+                                                       model_parameters=None if self.client_opt else self.params)
+        return engine, optimizer
+
 
 def setup_training(cfg: FinetuneConfig, world: int) -> TrainingSetup:
     """Model (projectors, LoRA per mode), training examples, collator, parameter groups, DeepSpeed config and
@@ -124,8 +133,7 @@ def setup_training(cfg: FinetuneConfig, world: int) -> TrainingSetup:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: build the model, DeepSpeed, resume if a checkpoint exists, train, report."""
-    fix_cuda_arch_env()
-    import deepspeed
+    fix_cuda_arch_env()  # before DeepSpeed is imported (in TrainingSetup.initialize)
     import ray.train
 
     cfg = FinetuneConfig(**config)
@@ -135,8 +143,7 @@ def train_loop_per_worker(config: dict) -> None:
     t0 = time.time()
     ts = setup_training(cfg, world)
     model, examples, shots, weights, labels, collate, names = ts.model, ts.examples, ts.shots, ts.weights, ts.labels, ts.collate, ts.names
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=ts.client_opt,
-                                                   model_parameters=None if ts.client_opt else ts.params, config=ts.ds_cfg)
+    engine, optimizer = ts.initialize()
     start, done_s = 0, 0.0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
