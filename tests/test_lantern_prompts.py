@@ -42,6 +42,34 @@ def test_template_file_and_rendering():
     with pytest.raises(ValueError, match="bad receptive-field size"):
         parse_sizes("4,-1")
 
+    v2 = PromptTemplate.load()
+    assert v2.tag == "lantern_v2@v1"  # the default
+
+
+def test_default_template_shares_everything_but_the_target_line(meld_dir):
+    """lantern_v2: the targets of one field differ only after the last 'Target utterance' line,
+    so the KV cache reuses the instructions, the field and the question for every target."""
+    import os
+
+    from mer_ray.data.loaders import load_meld
+
+    van = _toy_vanilla(load_meld(meld_dir, "dev"))
+    q = build_queries(van, PromptTemplate.load(), [None], max_dialogues=3)
+    by_dialogue: dict[str, list] = {}
+    for r in q.to_pylist():
+        by_dialogue.setdefault(r["dialogue_id"], []).append(r)
+    field = max(by_dialogue.values(), key=len)
+    assert len(field) >= 3
+    prompts = [r["prompt"] for r in field]
+    common = os.path.commonprefix(prompts)
+    assert common.endswith("Target utterance: [")
+    assert "Answer with one word from: neutral, joy" in common and common.count("(reference: ") == len(field)
+    for r in field:  # each suffix is one line naming the target, then the answer cue
+        suffix = r["prompt"][len(common) - len("Target utterance: ["):]
+        assert suffix.count("\n") == 1 and suffix.endswith("Emotion:")
+    v1 = build_queries(van, PromptTemplate.load("lantern_v1"), [None], max_dialogues=3)
+    assert len(os.path.commonprefix(v1["prompt"].to_pylist()[:len(field)])) < len(common)  # v1 asks after the target
+
 
 def test_queries_cover_every_field_and_target(meld_dir):
     from mer_ray.data.loaders import load_meld

@@ -265,3 +265,18 @@ def test_llm_refinement_and_fusion_with_the_packaged_llm(handle, models):
     assert sorted(t["utterance"]["receptive_fields"]) == sorted(want[2])
     for k in MELD7:
         assert t["utterance"]["probs"][k] == pytest.approx(out["utterances"][2]["probs"][k], abs=1e-4)
+
+
+def test_refiner_prompts_with_the_template_fusion_was_fitted_on(tmp_path):
+    """Serving must prompt as the Lantern job did: ``fusion.json``'s template unless one is configured."""
+    from mer_ray.serve.adapters import refiner_settings
+    from mer_ray.serve.config import LLMConfig
+
+    root = tiny_fusion(tmp_path)
+    assert refiner_settings(str(root), LLMConfig().model_dump())["template"] == "lantern_v2"  # none recorded: default
+    meta_path = root / "fusion" / "fusion.json"
+    meta = json.loads(meta_path.read_text())
+    meta["template"] = "lantern_v1"
+    meta_path.write_text(json.dumps(meta))
+    assert refiner_settings(str(root), LLMConfig().model_dump())["template"] == "lantern_v1"
+    assert refiner_settings(str(root), LLMConfig(template="my.j2").model_dump())["template"] == "my.j2"

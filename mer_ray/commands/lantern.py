@@ -19,7 +19,7 @@ def show_prompt(
     start: int = typer.Option(0, help="field start position"),
     target: int = typer.Option(0, help="target position (inside the field)"),
     model: str = typer.Option("smollm2-135m-instruct", help="GGUF path or embedded name (for its chat template)"),
-    template: str = typer.Option("lantern_v1", help="template name or .j2 path"),
+    template: str = typer.Option("lantern_v2", help="template name or .j2 path"),
     chat: bool = typer.Option(True, help="wrap in the model's chat template if it has one"),
     few_shot: int = typer.Option(0, help="k few-shot examples from train (needs --data-dir)"),
     data_dir: Optional[Path] = typer.Option(None, help="MELD directory (few-shot examples from train)"),
@@ -66,6 +66,7 @@ def prompt(
     cpus_per_actor: Optional[float] = typer.Option(None, help="Ray CPUs per engine"),
     few_shot: Optional[int] = typer.Option(None, help="k few-shot examples from train"),
     data_dir: Optional[Path] = typer.Option(None, help="MELD directory (for few-shot examples)"),
+    template: Optional[str] = typer.Option(None, help="prompt template name or .j2 path (default lantern_v2)"),
 ) -> None:
     """Score every (dialogue, receptive field, target) query with the LLM on Ray Data; write Parquet."""
     from mer_ray.lantern.config import PromptJobConfig, load_config
@@ -75,7 +76,7 @@ def prompt(
                       model=model, kind=kind, base_url=base_url, sizes=sizes, stride=stride,
                       splits=splits.split(",") if splits else None, max_dialogues=max_dialogues, actors=actors,
                       n_threads=n_threads, cpus_per_actor=cpus_per_actor, few_shot=few_shot,
-                      data_dir=str(data_dir) if data_dir else None)
+                      data_dir=str(data_dir) if data_dir else None, template=template)
     summary = prompt_main(cfg)
     typer.echo(json.dumps(summary, indent=2))
 

@@ -52,7 +52,7 @@ class LanternRefiner:
     """
 
     def __init__(self, scorer, labels: Sequence[str], sizes: Sequence[int | None] = (4, None), stride: int = 1,
-                 template: str = "lantern_v1", chat: bool = True, examples: list[dict] | None = None):
+                 template: str = "lantern_v2", chat: bool = True, examples: list[dict] | None = None):
         from mer_ray.llm.prompts import PromptTemplate
 
         self.scorer, self.labels, self.sizes, self.stride = scorer, list(labels), list(sizes), stride

@@ -138,7 +138,7 @@ def run_fuse(vanilla: str | Path, llm_dirs: Sequence[str | Path], data_dir: str 
     meta = {"labels": list(labels), "mode": "vanilla" if chosen == "vanilla" else "fusion", "selected": chosen,
             "setting": {**grid.get(chosen, {}), "hidden": 16}, "calibrated": grid.get(chosen, {}).get("calibrated", False),
             "content_free": None if cf is None else cf.tolist(), "folds": k, "seed": seed,
-            "sizes": [size_name(s) for s in sizes_seen], "stride": stride,
+            "sizes": [size_name(s) for s in sizes_seen], "stride": stride, "template": job.get("template"),
             # the LLM the fusion was fitted on: serving must prompt the same one
             "backend": {k2: v for k2, v in (job.get("backend") or {}).items() if k2 in ("kind", "model")} or None}
     (fdir / "fusion.json").write_text(json.dumps(meta, indent=2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,7 +20,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, Field
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
-DEFAULT_TEMPLATE = "lantern_v1"
+DEFAULT_TEMPLATE = "lantern_v2"
 _HEADER = re.compile(r"\A\{#---\n(.*?)\n---#\}\n", re.S)
 
 
@@ -34,6 +35,7 @@ class TemplateMeta(BaseModel):
     top_k: int = Field(3, ge=0, description="how many vanilla emotion references per utterance")
 
 
+@lru_cache(maxsize=None)
 def _env() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
 
@@ -42,6 +44,12 @@ def _env() -> ImmutableSandboxedEnvironment:
 
     env.globals["raise_exception"] = raise_exception
     return env
+
+
+@lru_cache(maxsize=64)
+def _compiled(source: str):
+    """A template compiled once (compiling costs milliseconds; a job renders thousands of prompts)."""
+    return _env().from_string(source)
 
 
 @dataclass
@@ -79,7 +87,7 @@ class PromptTemplate:
 
     def render_user(self, context: dict[str, Any], chat: bool) -> str:
         """The user message (or the whole prompt without a chat template)."""
-        return _env().from_string(self.source).render(**context, chat=chat).strip("\n")
+        return _compiled(self.source).render(**context, chat=chat).strip("\n")
 
     def render(self, context: dict[str, Any], chat_template: str | None = None,
                bos_token: str = "", eos_token: str = "") -> str:
@@ -92,5 +100,5 @@ class PromptTemplate:
 
 def apply_chat_template(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "") -> str:
     """Render a Hugging Face style Jinja chat template with the assistant turn opened."""
-    return _env().from_string(template).render(messages=messages, add_generation_prompt=True,
+    return _compiled(template).render(messages=messages, add_generation_prompt=True,
                                                bos_token=bos_token, eos_token=eos_token)

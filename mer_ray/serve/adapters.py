@@ -84,7 +84,10 @@ def refiner_settings(models_dir: str, llm: dict) -> dict:
     if llm.get("base_url"):
         backend["base_url"] = llm["base_url"]
     sizes = llm.get("sizes") or (parse_sizes(meta["sizes"]) if meta.get("sizes") else [4, None])
-    return {"backend": backend, "sizes": sizes, "stride": llm.get("stride") or meta.get("stride") or 1, "template": llm["template"]}
+    from mer_ray.llm.prompts import DEFAULT_TEMPLATE
+
+    template = llm.get("template") or meta.get("template") or DEFAULT_TEMPLATE
+    return {"backend": backend, "sizes": sizes, "stride": llm.get("stride") or meta.get("stride") or 1, "template": template}
 
 
 class RefinerStage:

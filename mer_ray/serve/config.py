@@ -37,8 +37,9 @@ class LLMConfig(BaseModel):
     (``fusion.json``), else ``[4, null]``."""
     stride: int | None = Field(None, ge=1)
     """Window stride. None: ``fusion.json``'s, else 1."""
-    template: str = "lantern_v1"
-    """Prompt template name or ``.j2`` path."""
+    template: str | None = None
+    """Prompt template name or ``.j2`` path. None: the template fusion was fitted on (``fusion.json``),
+    else the default (``lantern_v2``)."""
     n_ctx: int = Field(4096, ge=128)
     """llama.cpp context length."""
     n_threads: int = Field(1, ge=1)
