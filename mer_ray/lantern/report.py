@@ -174,16 +174,31 @@ def markdown(r: dict) -> str:
 
 
 def plot(r: dict, path: Path) -> None:
+    """Left: weighted F1, accuracy and macro F1 per row of the test table. Right: per-class test F1
+    of vanilla, the LLM alone (calibrated) and the selected fusion."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(r["test"])
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.barh(names, [r["test"][n]["weighted_f1"] for n in names], color="tab:blue")
-    ax.set_xlabel("test weighted F1 (%)")
-    ax.set_title("Lantern: vanilla vs LLM-only vs fused")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 1.2]})
+    y = np.arange(len(names))
+    for i, (k, lab) in enumerate((("weighted_f1", "weighted F1"), ("accuracy", "accuracy"), ("macro_f1", "macro F1"))):
+        ax.barh(y + (i - 1) * 0.27, [r["test"][n][k] for n in names], height=0.27, label=lab)
+    ax.set_yticks(y, names)
+    ax.set_xlabel("test (%)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8)
+    ax.set_title("vanilla vs LLM-only vs fused (test)")
+    show = [n for n in ("vanilla", "llm_only_calibrated", "fused (selected)") if n in r["test"]]
+    classes = list(r["test"][show[0]]["per_class_f1"])
+    x = np.arange(len(classes))
+    for i, n in enumerate(show):
+        bx.bar(x + (i - 1) * 0.27, [r["test"][n]["per_class_f1"][c] for c in classes], width=0.27, label=n)
+    bx.set_xticks(x, classes, rotation=30)
+    bx.set_ylabel("test F1 (%)")
+    bx.legend(fontsize=8)
+    bx.set_title("per-class F1 (test)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
