@@ -52,7 +52,8 @@ def run_bench(out: str | Path, vanilla: str | Path | None, data_dir: str | Path,
     queries, labels = make_queries(cfg)
     queries = queries.filter(np.array([d != CF_DIALOGUE for d in queries["dialogue_id"].to_pylist()]))
     prompts = queries["prompt"].to_pylist()
-    res: dict = {"n_queries": len(prompts), "n_dialogues": n_dialogues, "sizes": sizes, "model": "gemma3-270m",
+    res: dict = {"n_queries": len(prompts), "n_dialogues": n_dialogues, "sizes": sizes, "stride": cfg.stride,
+                 "template": cfg.template, "vanilla": str(vanilla), "model": "gemma3-270m",
                  "threads_per_engine": threads, "engines": actors, "threads_total": total_threads,
                  "cpu_count": os.cpu_count(), "platform": platform.platform(), "load_avg_start": os.getloadavg()}
 
@@ -65,7 +66,7 @@ def run_bench(out: str | Path, vanilla: str | Path | None, data_dir: str | Path,
     try:
         t0 = time.perf_counter()
         summary = run_prompt_job(queries, work / "job", cfg.backend.model_dump(), labels, num_actors=actors,
-                                 cpus_per_actor=1.0, progress=False)
+                                 cpus_per_actor=1.0, progress=True)
         res["ray_job_seconds"] = time.perf_counter() - t0
     finally:
         if started:
@@ -74,10 +75,22 @@ def run_bench(out: str | Path, vanilla: str | Path | None, data_dir: str | Path,
 
     # 2. naive loop: one Llama, reset() and a full evaluation per prompt
     naive = LlamaCppScorer("gemma3-270m", n_threads=total_threads, reuse_prefix=False)
+    from tqdm import tqdm
+
     t0 = time.perf_counter()
-    scores = naive.score(prompts, labels)
+    scores = []
+    for i in tqdm(range(0, len(prompts), 20), desc="naive loop", unit_scale=20, unit="q"):
+        scores += naive.score(prompts[i:i + 20], labels)
     res["naive_seconds"] = time.perf_counter() - t0
     toks = [naive.tokenize(p) for p in prompts]
+    # the job's distributions against a fresh evaluation of every prompt (KV reuse must not change them)
+    from mer_ray.lantern.job import read_results
+
+    job_probs = dict(zip(*read_results(work / "job").select(["query_id", "llm_probs"]).to_pydict().values()))
+    diffs = [float(np.abs(np.asarray(job_probs[q], dtype=np.float64) - sc.probs).max())
+             for q, sc in zip(queries["query_id"].to_pylist(), scores) if sc.ok and job_probs.get(q) is not None]
+    res["job_vs_naive_max_abs_prob_diff"] = max(diffs) if diffs else None
+    res["job_vs_naive_compared"] = len(diffs)
     res["naive_tokens_evaluated"] = int(sum(s.tokens_evaluated for s in scores))
 
     # 3. raw prompt-evaluation rate on one 512-token prompt, and the prefix-trie floor
