@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from mer_ray.cli import app, bench_app, lantern_app, predict_app  # noqa: F401
+from mer_ray.llm.prompts import DEFAULT_TEMPLATE
 
 
 @lantern_app.command("show-prompt")
@@ -19,7 +20,7 @@ def show_prompt(
     start: int = typer.Option(0, help="field start position"),
     target: int = typer.Option(0, help="target position (inside the field)"),
     model: str = typer.Option("smollm2-135m-instruct", help="GGUF path or embedded name (for its chat template)"),
-    template: str = typer.Option("lantern_v2", help="template name or .j2 path"),
+    template: str = typer.Option(DEFAULT_TEMPLATE, help="template name or .j2 path"),
     chat: bool = typer.Option(True, help="wrap in the model's chat template if it has one"),
     few_shot: int = typer.Option(0, help="k few-shot examples from train (needs --data-dir)"),
     data_dir: Optional[Path] = typer.Option(None, help="MELD directory (few-shot examples from train)"),

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from mer_ray.lantern.queries import parse_sizes
 from mer_ray.llm.backends import BackendConfig
+from mer_ray.llm.prompts import DEFAULT_TEMPLATE
 
 
 class PromptJobConfig(BaseModel):
@@ -20,7 +21,7 @@ class PromptJobConfig(BaseModel):
     sizes: list[int | None] = Field([4, 8, None], description="receptive-field sizes; null = whole dialogue")
     stride: int = Field(1, ge=1, description="window stride")
     max_dialogues: int | None = Field(None, ge=1, description="first N dialogues per split (reduced runs)")
-    template: str = Field("lantern_v2", description="prompt template name or .j2 path")
+    template: str = Field(DEFAULT_TEMPLATE, description="prompt template name or .j2 path")
     few_shot: int = Field(0, ge=0, description="k labelled examples from train (needs data_dir)")
     data_dir: str | None = Field(None, description="MELD directory, for few-shot examples from train")
     backend: BackendConfig = Field(default_factory=BackendConfig, description="the LLM")

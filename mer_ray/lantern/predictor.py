@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from mer_ray.lantern.fusion import CF_DIALOGUE, calibrate
+from mer_ray.llm.prompts import DEFAULT_TEMPLATE
 from mer_ray.models.fusion import FusionConfig, build_fusion, candidate_features
 
 
@@ -52,7 +53,7 @@ class LanternRefiner:
     """
 
     def __init__(self, scorer, labels: Sequence[str], sizes: Sequence[int | None] = (4, None), stride: int = 1,
-                 template: str = "lantern_v2", chat: bool = True, examples: list[dict] | None = None):
+                 template: str = DEFAULT_TEMPLATE, chat: bool = True, examples: list[dict] | None = None):
         from mer_ray.llm.prompts import PromptTemplate
 
         self.scorer, self.labels, self.sizes, self.stride = scorer, list(labels), list(sizes), stride
