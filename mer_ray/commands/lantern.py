@@ -114,8 +114,8 @@ def bench_lantern(
     data_dir: Path = typer.Option(Path("../shared/data/meld"), help="MELD directory"),
     dialogues: int = typer.Option(40, help="first N MELD dev dialogues"),
     sizes: str = typer.Option("4,8,whole", help="receptive-field sizes"),
-    actors: int = typer.Option(1, help="engines in the Ray job"),
-    threads: int = typer.Option(2, help="threads per engine; the naive loop and raw rate use actors x threads"),
+    actors: int = typer.Option(2, help="engines in the Ray job (default: as jobs/lantern_prompt.yaml)"),
+    threads: int = typer.Option(1, help="threads per engine; the naive loop and raw rate use actors x threads"),
 ) -> None:
     """Lantern prompting: Ray job vs a naive loop vs the prefix-trie floor (Gemma 3 270M)."""
     from mer_ray.lantern.bench import run_bench

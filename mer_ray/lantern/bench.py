@@ -32,7 +32,7 @@ def trie_size(token_lists: list[list[int]]) -> int:
 
 
 def run_bench(out: str | Path, vanilla: str | Path | None, data_dir: str | Path, n_dialogues: int = 40,
-              sizes: str = "4,8,whole", actors: int = 1, threads: int = 2) -> dict:
+              sizes: str = "4,8,whole", actors: int = 2, threads: int = 1) -> dict:
     from mer_ray.lantern.config import PromptJobConfig
     from mer_ray.lantern.fusion import CF_DIALOGUE
     from mer_ray.lantern.job import run_prompt_job
