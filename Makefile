@@ -29,13 +29,16 @@ demo: $(STAMP)
 	$(BIN)/mer demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not gpu" -q --timeout=900 --durations=15 --ignore=tests/test_serve_http.py tests
+	$(BIN)/ruff check mer_ray tests jobs
+	$(BIN)/python -m pytest -m "not gpu" -q --timeout=900 --durations=15 --ignore=tests/integration/serve/test_http.py tests
 	# The real-HTTP Serve tests get their own interpreter: an in-process Serve (local testing mode)
-	# earlier in the same process leaves uvicorn state that breaks pickling the ingress class.
-	$(BIN)/python -m pytest -m "not gpu" -q --timeout=900 tests/test_serve_http.py
+	# earlier in the same process leaves uvicorn state that breaks pickling the ingress class
+	# (measured: see docs/architecture.md, "Tests").
+	$(BIN)/python -m pytest -m "not gpu" -q --timeout=900 tests/integration/serve/test_http.py
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not gpu" -q tests
+	$(BIN)/ruff check mer_ray tests jobs
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q tests/unit
 
 clean:
 	rm -rf $(VENV) runs

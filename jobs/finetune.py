@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run from a job's working dir
+from mer_ray.config import load
+from mer_ray.mllm.config import FinetuneConfig
 
-from mer_ray.train.mllm_config import FinetuneConfig, load_config  # noqa: E402
-
-__all__ = ["load_config", "main", "FinetuneConfig"]
+#: The config class of this entry point's --config (tests load every shipped YAML against it).
+CONFIG = FinetuneConfig
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -29,20 +27,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE", help="override, e.g. train.max_steps=5")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    cfg = load(FinetuneConfig, args.config, args.overrides)
+    from mer_ray.mllm.train import run_finetune
+    from mer_ray.runtime import start_ray
 
-    import ray
-
-    from mer_ray.train.mllm import run_finetune
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address)  # inside `ray job submit`: the job's cluster
+    # Inside `ray job submit`: the job's cluster (RAY_ADDRESS); run directly: a local instance.
+    start_ray(cfg.ray.num_workers * cfg.ray.cpus_per_worker + 1, address=cfg.ray.address)
     summary = run_finetune(cfg)
     print("TRAINED", json.dumps({k: summary[k] for k in ("run_name", "out", "wall_seconds")}), flush=True)
     if cfg.eval.splits and not args.no_eval:
-        from mer_ray.train.mllm_eval import run_eval
+        from mer_ray.mllm.evaluate import run_eval
 
         res = run_eval(cfg, cfg.out, Path(cfg.out) / "eval.json", device=cfg.eval.resolved_device())
         print("EVAL", json.dumps({s: {k: res["finetuned"][s][k] for k in ("n", "weighted_f1", "accuracy")} for s in cfg.eval.splits}), flush=True)

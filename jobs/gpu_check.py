@@ -15,12 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,20 +34,21 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}.items():
         os.environ.setdefault(k, v)
 
-    from mer_ray.train.mllm import fix_cuda_arch_env
+    from mer_ray.mllm.train import fix_cuda_arch_env
 
     fix_cuda_arch_env()
     import deepspeed
     import numpy as np
     import torch
 
-    from mer_ray.mllm_data import load_split, stratified_keys
-    from mer_ray.mllm_predict import MLLMPredictor, evaluate
-    from mer_ray.models.mllm_build import save_artifacts
-    from mer_ray.train.mllm import artifact_meta, micro_batches, set_stage_lrs, setup_training, train_step
-    from mer_ray.train.mllm_config import load_config
+    from mer_ray.config import load
+    from mer_ray.mllm.artifacts import save_artifacts
+    from mer_ray.mllm.config import FinetuneConfig
+    from mer_ray.mllm.examples import load_dialogues, stratified_keys
+    from mer_ray.mllm.predict import MLLMPredictor, evaluate
+    from mer_ray.mllm.train import artifact_meta, micro_batches, set_phase_lrs, setup_training, train_step
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load(FinetuneConfig, args.config, args.overrides)
     work = Path(args.out or tempfile.mkdtemp(prefix="mer-gpu-check-"))
     if args.random_init:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -66,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     ts = setup_training(cfg, 1)  # exactly the job's model, examples, collator, parameter groups and optimizer
     model, examples, shots, weights, labels, collate, names = ts.model, ts.examples, ts.shots, ts.weights, ts.labels, ts.collate, ts.names
+    ds_cfg = ts.ds_cfg  # the DeepSpeed dict setup_training built (deepspeed_config(cfg, 1)), for the figures below
     engine, opt = ts.initialize()
     startup = time.time() - t0
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     for step in range(args.steps):
         if cfg.train.time_budget_min and sum(times) > 60 * cfg.train.time_budget_min:
             break
-        set_stage_lrs(opt, cfg, step, names)
+        set_phase_lrs(opt, cfg, step, names)
         batches = [collate(mb, train=True) for mb in micro_batches(examples, order, step, cfg.train.micro_batch, cfg.train.grad_accum, 0, 1)]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -85,13 +84,14 @@ def main(argv: list[str] | None = None) -> dict:
             times.append(time.perf_counter() - t)
             toks += sum(int(b["attention_mask"].sum()) for b in batches)
     state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else model.state_dict()
-    save_artifacts(work / "export", state, model, artifact_meta(cfg, shots, weights, labels, {"step": args.steps, "loss": losses[-1], "train_seconds": sum(times)}))
+    meta = artifact_meta(cfg, shots, weights, labels, {"step": args.steps, "loss": losses[-1], "train_seconds": sum(times)})
+    save_artifacts(work / "export", state, model, meta)
     del engine, opt, model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     pred = MLLMPredictor.from_dir(work / "export", batch_size=cfg.eval.batch_size)
     pred.model.to("cuda" if torch.cuda.is_available() else "cpu")
     mods = {m: pc.feature for m, pc in cfg.model.projectors.items()}
-    dev = load_split(cfg.data.model_copy(update={"max_dialogues": {}}), "dev", mods)
+    dev = load_dialogues(cfg.data.model_copy(update={"max_dialogues": {}}), "dev", mods)
     t = time.time()
     probs = pred.predict(dev, stratified_keys(dev, args.eval_n, 0), progress=False)
     score_s = time.time() - t
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print("GPU_CHECK", json.dumps(res), flush=True)
     if args.full_eval and cfg.eval.splits:  # the config's eval (subsets, baselines) on this device
-        from mer_ray.train.mllm_eval import run_eval
+        from mer_ray.mllm.evaluate import run_eval
 
         del pred
         ev = run_eval(cfg, work / "export", work / "eval.json", device="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,35 +1,36 @@
-"""The ``mer`` console script: one subcommand per stage.
+"""The ``mer`` console script: one root Typer app that adds each area's own app.
 
-Each subcommand is a plain function whose signature is its help. Heavy imports
-happen inside the functions so ``mer --help`` stays fast. The commands live in
-``mer_ray/commands/*.py``, which register themselves on the apps below.
+Each area's ``cli.py`` defines its commands as plain functions whose signatures
+are their help; heavy imports happen inside them, so ``mer --help`` stays fast.
+Imports run one way: this module imports the areas, never the reverse.
 """
 
 from __future__ import annotations
 
-import os
-
 import typer
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from mer_ray.bench import cli as bench
+from mer_ray.data import cli as data
+from mer_ray.demo import cli as demo
+from mer_ray.features import cli as features
+from mer_ray.lantern import cli as lantern
+from mer_ray.mllm import cli as mllm
+from mer_ray.runtime import set_offline_env
+from mer_ray.serve import cli as serve
+from mer_ray.vanilla import cli as vanilla
+
+set_offline_env()
 
 app = typer.Typer(help="mer-ray: multimodal emotion recognition in conversations, on Ray.", no_args_is_help=True)
-predict_app = typer.Typer(help="Write per-utterance probability distributions.", no_args_is_help=True)
-lantern_app = typer.Typer(help="Lantern: LLM prompting per receptive field, and fusion.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks that write JSON.", no_args_is_help=True)
-app.add_typer(predict_app, name="predict")
-app.add_typer(lantern_app, name="lantern")
-app.add_typer(bench_app, name="bench")
-
-# Registration happens on import; keep this list in sync with mer_ray/commands/.
-from mer_ray.commands import data as _data  # noqa: E402,F401
-from mer_ray.commands import extract as _extract  # noqa: E402,F401
-from mer_ray.commands import vanilla as _vanilla  # noqa: E402,F401
-from mer_ray.commands import lantern as _lantern  # noqa: E402,F401
-from mer_ray.commands import finetune as _finetune  # noqa: E402,F401
-from mer_ray.commands import serving as _serving  # noqa: E402,F401
+predict = typer.Typer(help="Write per-utterance probability distributions.", no_args_is_help=True)
+for area in (features, vanilla, mllm, serve, demo):
+    app.add_typer(area.app)  # an unnamed sub-app: its commands are top-level (mer extract, mer train, ...)
+for area in (vanilla, mllm):
+    predict.add_typer(area.predict_app)
+app.add_typer(predict, name="predict")
+app.add_typer(lantern.app, name="lantern")
+app.add_typer(data.app, name="data")
+app.add_typer(bench.app, name="bench")
 
 if __name__ == "__main__":
     app()

@@ -14,7 +14,8 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.pop("RAY_ADDRESS", None)
 
 REPO = Path(__file__).resolve().parents[1]
-MELD_DIR = REPO.parent / "shared" / "data" / "meld"
+# The suite reads MELD from $MER_MELD_DIR, else from ../shared beside the checkout (how CI lays it out).
+MELD_DIR = Path(os.environ.get("MER_MELD_DIR") or REPO.parent / "shared" / "data" / "meld")
 
 
 def _has_gpu() -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mer_ray.features import synthmedia as sm
+from mer_ray.demo import media as sm
 
 
 def build_media_set(root: Path, outside: Path) -> list[dict]:

@@ -1,1 +1,1 @@
-"""mer_ray.bench"""
+"""Every benchmark (``mer bench ...``), each writing JSON. A leaf: only the root CLI imports it."""

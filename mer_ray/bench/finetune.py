@@ -23,12 +23,12 @@ import torch
 def make_batches(base: str, meld_dir: Path, n: int, seq_len: int, batch: int) -> list[dict]:
     """``n`` training batches of ``batch`` MELD prompts, every row exactly ``seq_len`` tokens."""
     from mer_ray.data.labels import get_label_set
-    from mer_ray.mllm_data import Collator, DataConfig, PromptConfig, build_example, class_weights, load_split, sample_shots
-    from mer_ray.models.mllm_build import load_causal_lm
+    from mer_ray.mllm.build import load_causal_lm
+    from mer_ray.mllm.examples import Collator, DataConfig, PromptConfig, build_example, class_weights, load_dialogues, sample_shots
 
     labels = get_label_set("meld7").labels
     _, tok = load_causal_lm(base)
-    dialogues = load_split(DataConfig(meld_dir=str(meld_dir), max_dialogues={"train": 40}), "train", {})
+    dialogues = load_dialogues(DataConfig(meld_dir=str(meld_dir), max_dialogues={"train": 40}), "train", {})
     prompt = PromptConfig(n_shots=7, context_turns=20, max_tokens=seq_len - 4)  # long prompts: few pad positions
     shots = sample_shots(dialogues, 7, 0, labels)
     examples = [build_example(d, i, prompt, labels, shots, None) for d in dialogues for i in range(len(d.rows))][::-1]
@@ -37,10 +37,10 @@ def make_batches(base: str, meld_dir: Path, n: int, seq_len: int, batch: int) ->
 
 
 def _model(base: str):
-    from mer_ray.models.mllm_build import LoraSettings, ModelConfig, build_model, set_trainable
+    from mer_ray.mllm.build import LoraSettings, ModelConfig, build_mllm, set_trainable
 
     torch.manual_seed(0)
-    model, _ = build_model(ModelConfig(base=base, lora=LoraSettings()))
+    model, _ = build_mllm(ModelConfig(base=base, lora=LoraSettings()))
     set_trainable(model)
     return model.train()
 
@@ -70,7 +70,7 @@ def _ray_loop(config: dict) -> None:
     import deepspeed
     import ray.train
 
-    from mer_ray.train.mllm_config import FinetuneConfig, deepspeed_config
+    from mer_ray.mllm.config import FinetuneConfig, deepspeed_config
 
     torch.set_num_threads(config["threads"])
     model = _model(config["base"])
@@ -100,15 +100,9 @@ def ray_steps(base: str, batches_file: str, threads: int, batch: int) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t0 = time.time()
-    for attempt in range(3):  # on a crowded machine the raylet can miss Ray's fixed 30 s start-up deadline
-        try:
-            ray.init(address="local", num_cpus=threads + 1, include_dashboard=False, object_store_memory=2 * 10**8,
-                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}})
-            break
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception here
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-            ray.shutdown()
+    from mer_ray.runtime import start_ray
+
+    start_ray(threads + 1, env={"OMP_NUM_THREADS": str(threads)})
     init_s = time.time() - t0
     try:
         result_file = str(Path(batches_file).with_suffix(".ray.json"))
@@ -126,9 +120,11 @@ def ray_steps(base: str, batches_file: str, threads: int, batch: int) -> dict:
 
 
 def run_bench(out: Path, steps: int = 6, warmup: int = 2, seq_len: int = 256, batch: int = 1, threads: int = 2,
-              base: str = "gemma3-270m", meld_dir: Path = Path("../shared/data/meld")) -> dict:
+              base: str = "gemma3-270m", meld_dir: Path | None = None) -> dict:
     """Run both sides, write the JSON (key ``overhead`` = Ray time / plain time - 1 over the timed steps)."""
-    batches = make_batches(base, Path(meld_dir), warmup + steps, seq_len, batch)
+    from mer_ray.data.loaders import meld_dir as resolve_meld
+
+    batches = make_batches(base, resolve_meld(meld_dir), warmup + steps, seq_len, batch)
     real = int(sum(int(b["attention_mask"].sum()) for b in batches[warmup:]))
     with tempfile.TemporaryDirectory() as d:
         path = str(Path(d) / "batches.pt")

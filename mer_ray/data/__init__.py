@@ -1,1 +1,1 @@
-"""Utterance schema, loaders, label sets and receptive-field slicing."""
+"""The utterance schema, loaders (MELD, manifests), label sets and maps, the gold-label leak guard, receptive fields."""

@@ -46,7 +46,8 @@ MAPPINGS: dict[tuple[str, str], dict[str, str | None]] = {
     ("iemocap6", "iemocap4"): {"happy": "happy", "excited": "happy", "sad": "sad", "neutral": "neutral", "angry": "angry", "frustrated": None},
     # MELD emotion -> MELD sentiment, the polarity the MELD annotation guide gives each emotion.
     # Surprise is annotated with either polarity in MELD, so it has no fixed image.
-    ("meld7", "meld_sentiment3"): {"neutral": "neutral", "joy": "positive", "surprise": None, "anger": "negative", "sadness": "negative", "disgust": "negative", "fear": "negative"},
+    ("meld7", "meld_sentiment3"): {"neutral": "neutral", "joy": "positive", "surprise": None, "anger": "negative",
+                                   "sadness": "negative", "disgust": "negative", "fear": "negative"},
     # EmoryNLP uses Willcox's feeling wheel; the six MELD-compatible pairs follow the
     # MELD paper's own alignment (Poria et al., 2019, sec. 3). peaceful and powerful
     # have no Ekman counterpart.

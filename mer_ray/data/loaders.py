@@ -16,8 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from mer_ray.data.labels import LabelSet, get_label_set
-from mer_ray.data.readers import (DataError, check_columns, check_label, csv_records, jsonl_records,
-                                  parse_float, parse_int, parse_time)
+from mer_ray.data.readers import DataError, check_columns, check_label, csv_records, jsonl_records, parse_float, parse_int, parse_time
 from mer_ray.data.schema import OPTIONAL, REQUIRED, SCHEMA
 
 __all__ = ["DataError", "MELD_SPLITS", "load_manifest", "load_meld", "parse_time", "summarize"]
@@ -25,6 +24,18 @@ __all__ = ["DataError", "MELD_SPLITS", "load_manifest", "load_meld", "parse_time
 log = logging.getLogger(__name__)
 
 MELD_SPLITS = ("train", "dev", "test")
+#: Environment variable naming the MELD directory when no --data-dir is given.
+MELD_ENV = "MER_MELD_DIR"
+
+
+def meld_dir(path: str | Path | None = None) -> Path:
+    """The MELD directory: ``path`` if given, else ``$MER_MELD_DIR``; there is no built-in default."""
+    import os
+
+    path = path or os.environ.get(MELD_ENV)
+    if not path:
+        raise DataError(f"no MELD directory: pass --data-dir (or data.meld_dir) or set {MELD_ENV}")
+    return Path(path)
 #: MELD CSV column -> schema column. These must all be present.
 MELD_COLUMNS = {"Dialogue_ID": "dialogue_id", "Utterance_ID": "turn", "Speaker": "speaker", "Utterance": "text",
                 "Emotion": "label", "Sentiment": "sentiment", "StartTime": "episode_start", "EndTime": "episode_end"}

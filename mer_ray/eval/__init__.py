@@ -1,1 +1,1 @@
-"""mer_ray.eval"""
+"""Metrics, seed aggregation, reports and plots."""

@@ -1,6 +1,6 @@
 """Typed, validated configuration of ``mer extract``.
 
-Every field has a docstring; :func:`load_config` reads YAML/JSON or a dict and
+Every field has a docstring; :func:`mer_ray.config.load` reads YAML or a dict and
 fails with a message naming the bad field. Resources are set per stage, so on a
 GPU cluster the encoders can take GPUs while decoding stays on CPUs.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -91,30 +90,13 @@ class ExtractConfig(BaseModel):
     models when the pool gives each actor a fraction of a core. Null leaves each library's default."""
 
     @model_validator(mode="after")
-    def _check(self) -> "ExtractConfig":
+    def _check(self) -> ExtractConfig:
         if self.audio_encoder == "hf" and not self.audio_model_dir:
             raise ValueError("audio_encoder 'hf' needs audio_model_dir (a local HuBERT/wav2vec2 directory)")
         return self
 
     def sha256(self) -> str:
         """Hash of the settings that change the output (resources excluded)."""
-        keep = self.model_dump(exclude={"object_store_mb", "batch_rows", "text_batch_rows", "decode", "face", "expression", "image", "audio", "text_stage", "threads", "fuse", "fused"})
+        keep = self.model_dump(exclude={"object_store_mb", "batch_rows", "text_batch_rows", "decode", "face", "expression", "image",
+                                        "audio", "text_stage", "threads", "fuse", "fused"})
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
-
-
-def load_config(config: ExtractConfig | dict | str | Path | None) -> ExtractConfig:
-    """Build an :class:`ExtractConfig` from None (defaults), a dict, or a YAML/JSON file."""
-    if config is None:
-        return ExtractConfig()
-    if isinstance(config, ExtractConfig):
-        return config
-    if isinstance(config, (str, Path)):
-        import yaml
-
-        path = Path(config)
-        if not path.exists():
-            raise FileNotFoundError(f"extract config not found: {path}")
-        config = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(config, dict):
-            raise ValueError(f"extract config {path} must hold a mapping")
-    return ExtractConfig.model_validate(config)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 
+from mer_ray.config import load
 from mer_ray.features.columns import FER_LABELS, to_table
-from mer_ray.features.config import load_config
-from mer_ray.features.pipeline import _has_media, _load_manifest, assemble, media_plan
+from mer_ray.features.config import ExtractConfig
+from mer_ray.features.job import _has_media, _load_manifest, assemble, media_plan
 from mer_ray.features.stages import build_stages, load_class
 
 _UNSET = object()
@@ -32,7 +32,7 @@ def run_local(manifest, media_root=None, config=None, threads=_UNSET, timings: C
         timings: if given, seconds per stage are added to it.
         load_timings: if given, model-loading seconds per stage are added to it.
     """
-    cfg = load_config(config)
+    cfg = load(ExtractConfig, config)
     table = _load_manifest(manifest)
     root, cfg = media_plan(manifest, table, media_root, cfg)
     specs = build_stages(cfg, root, cfg.media and _has_media(table))

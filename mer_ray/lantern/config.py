@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pydantic import Field, field_validator
 
-import yaml
-from pydantic import BaseModel, Field, field_validator
-
+from mer_ray.config import StrictModel
 from mer_ray.lantern.queries import parse_sizes
 from mer_ray.llm.backends import BackendConfig
 from mer_ray.llm.prompts import DEFAULT_TEMPLATE
 
 
-class PromptJobConfig(BaseModel):
+class PromptJobConfig(StrictModel):
     """``mer lantern prompt``: which queries, which LLM, how many engines."""
 
     vanilla: str | None = Field(None, description="vanilla prediction Parquet (mer predict vanilla)")
@@ -36,7 +34,7 @@ class PromptJobConfig(BaseModel):
         return parse_sizes(v)
 
 
-class FuseConfig(BaseModel):
+class FuseConfig(StrictModel):
     """``mer lantern fuse``: cross-fitting on dev and the report on test."""
 
     vanilla: str | None = Field(None, description="vanilla predictions covering dev and test")
@@ -47,16 +45,3 @@ class FuseConfig(BaseModel):
     stride: int | None = Field(None, ge=1, description="the prompt job's stride (size ablation); "
                                                      "default: read from the first --llm dir's job.json")
     seed: int = 0
-
-
-def load_config(cls, path: str | Path | None, **overrides):
-    """A config from YAML (optional), with non-``None`` overrides applied, validated."""
-    data = yaml.safe_load(Path(path).read_text()) if path else {}
-    data = data or {}
-    for k, v in overrides.items():
-        if v is not None:
-            if k in ("model", "kind", "n_threads", "base_url", "gguf_file"):
-                data.setdefault("backend", {})[k] = v
-            else:
-                data[k] = v
-    return cls.model_validate(data)

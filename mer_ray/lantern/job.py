@@ -145,7 +145,7 @@ def run_prompt_job(queries: pa.Table, out_dir: str | Path, backend: dict, labels
     res = read_results(out_dir)
     status = dict(zip(res["query_id"].to_pylist(), res["status"].to_pylist()))
     errors: dict[str, int] = {}
-    for q, s, e in zip(res["query_id"].to_pylist(), res["status"].to_pylist(), res["error"].to_pylist()):
+    for _q, s, e in zip(res["query_id"].to_pylist(), res["status"].to_pylist(), res["error"].to_pylist()):
         if s != "ok":
             key = (e or "unknown").split(":")[0]
             errors[key] = errors.get(key, 0) + 1

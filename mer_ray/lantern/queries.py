@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,9 @@ import pyarrow.parquet as pq
 from mer_ray.data.fields import receptive_fields
 from mer_ray.data.leak import assert_no_gold
 from mer_ray.llm.prompts import PromptTemplate
+
+#: Dialogue id of the content-free query (contextual calibration); never a real dialogue.
+CF_DIALOGUE = "__content_free__"
 
 
 def parse_sizes(spec: str | Sequence[int | str | None]) -> list[int | None]:
@@ -185,8 +189,6 @@ def with_content_free(queries: pa.Table, template: PromptTemplate, labels: Seque
                       chat_template: str | None = None, bos_token: str = "", eos_token: str = "",
                       examples: list[dict] | None = None) -> pa.Table:
     """Append the content-free query (for contextual calibration) to a query table."""
-    from mer_ray.lantern.fusion import CF_DIALOGUE
-
     prompt = template.render(content_free_context(labels, examples), chat_template, bos_token, eos_token)
     row = {c: [None] for c in queries.column_names}
     row.update({"query_id": [CF_DIALOGUE], "dialogue_id": [CF_DIALOGUE], "prompt": [prompt], "target_pos": [0],

@@ -1,1 +1,1 @@
-"""mer_ray.llm"""
+"""The label-scorer interface and its backends (llama.cpp, transformers, OpenAI-compatible HTTP), and prompt templates."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from mer_ray.config import StrictModel
 
 
-class BackendConfig(BaseModel):
+class BackendConfig(StrictModel):
     """Which LLM scores the labels, and how."""
 
     kind: Literal["llama_cpp", "transformers", "openai"] = Field("llama_cpp", description="backend")
@@ -67,10 +69,6 @@ def prompt_format_for(cfg: BackendConfig | dict) -> tuple[str | None, str, str]:
         return tok.chat_template, tok.bos_token or "", tok.eos_token or ""
     if tpl_from is None:
         return None, "", ""
-    from llama_cpp import Llama
+    from mer_ray.llm.llamacpp import gguf_prompt_format
 
-    from mer_ray.assets import gguf_path
-
-    llm = Llama(model_path=str(gguf_path(tpl_from)), vocab_only=True, verbose=False)
-    tok = lambda i: llm.detokenize([i], special=True).decode("utf-8", "ignore") if i >= 0 else ""  # noqa: E731
-    return llm.metadata.get("tokenizer.chat_template"), tok(llm.token_bos()), tok(llm.token_eos())
+    return gguf_prompt_format(tpl_from)

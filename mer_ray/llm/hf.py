@@ -8,8 +8,8 @@ sees the pads), and a label's score is the sum of its tokens' log-probs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -11,12 +11,26 @@ evaluates its own tokens one by one, then the cache is rewound to the prompt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from mer_ray.llm.base import LabelScores, LabelTrie, label_continuations, log_softmax, normalise
+
+
+def gguf_prompt_format(model: str | Path) -> tuple[str | None, str, str]:
+    """(chat template or None, BOS text, EOS text) of a GGUF (path or embedded name), reading its vocabulary only."""
+    from llama_cpp import Llama
+
+    from mer_ray.assets import gguf_path
+
+    llm = Llama(model_path=str(gguf_path(str(model))), vocab_only=True, verbose=False)
+
+    def text(i: int) -> str:
+        return llm.detokenize([i], special=True).decode("utf-8", "ignore") if i >= 0 else ""
+
+    return llm.metadata.get("tokenizer.chat_template"), text(llm.token_bos()), text(llm.token_eos())
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:

@@ -17,8 +17,8 @@ Two exact modes; neither reads nor renormalises a top-k list (labels may be miss
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import numpy as np
 
@@ -57,10 +57,9 @@ class OpenAICompletionsScorer:
         self._chat = None
         self.bos_token = self.eos_token = ""
         if chat_template_from:
-            from mer_ray.llm.backends import prompt_format_for
+            from mer_ray.llm.llamacpp import gguf_prompt_format
 
-            self._chat, self.bos_token, self.eos_token = prompt_format_for(
-                {"kind": "llama_cpp", "model": chat_template_from})
+            self._chat, self.bos_token, self.eos_token = gguf_prompt_format(chat_template_from)
 
     @property
     def chat_template(self) -> str | None:
@@ -73,7 +72,7 @@ class OpenAICompletionsScorer:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
         lp = r.json()["choices"][0]["logprobs"]
-        offsets, token_lps, tokens = lp["text_offset"], lp["token_logprobs"], lp["tokens"]
+        offsets, token_lps = lp["text_offset"], lp["token_logprobs"]
         end = len(prompt) + len(label)
         # echoed tokens that start inside the label; the generated token starts at or after ``end``
         idx = [i for i, o in enumerate(offsets) if len(prompt) <= o < end]

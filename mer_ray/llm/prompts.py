@@ -10,21 +10,24 @@ with the assistant turn opened, so the label follows the template's newline.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from mer_ray.config import StrictModel
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 DEFAULT_TEMPLATE = "lantern_v2"
 _HEADER = re.compile(r"\A\{#---\n(.*?)\n---#\}\n", re.S)
 
 
-class TemplateMeta(BaseModel):
+class TemplateMeta(StrictModel):
     """A template's YAML header."""
 
     name: str = Field(description="template name, also its file stem")
@@ -35,7 +38,7 @@ class TemplateMeta(BaseModel):
     top_k: int = Field(3, ge=0, description="how many vanilla emotion references per utterance")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _env() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
 
@@ -61,7 +64,7 @@ class PromptTemplate:
     path: Path
 
     @classmethod
-    def load(cls, name_or_path: str | Path = DEFAULT_TEMPLATE) -> "PromptTemplate":
+    def load(cls, name_or_path: str | Path = DEFAULT_TEMPLATE) -> PromptTemplate:
         """Load a template by name (``lantern_v1``) or from a ``.j2`` path."""
         p = Path(name_or_path)
         if not p.suffix:

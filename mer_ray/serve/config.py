@@ -1,7 +1,7 @@
 """Typed, validated configuration of the serving application.
 
 The same object is built from ``mer serve`` options, from the ``args:`` of an
-application in ``serve/*.yaml`` (``import_path: mer_ray.serve.app:app_builder``),
+application in ``serve/*.yaml`` (``import_path: mer_ray.serve.builder:app_builder``),
 or from a dict in tests. Unknown keys are errors, so a typo in a YAML fails at
 deploy time with the key's name.
 """
@@ -17,12 +17,12 @@ DEFAULT_MODELS_DIR = "runs/demo/models"
 
 
 class LLMConfig(BaseModel):
-    """The Lantern LLM refiner stage."""
+    """The Lantern LLM refiner member."""
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    """Deploy the LLM stage at all; with False every request behaves as ``use_llm: false``."""
+    """Deploy the LLM member at all; with False every request behaves as ``use_llm: false``."""
     backend: Literal["llama_cpp", "http", "transformers"] = "llama_cpp"
     """``llama_cpp``: a GGUF in the replica; ``http``: an OpenAI-compatible completions server (vLLM,
     llama.cpp server); ``transformers``: a local Hugging Face model directory."""
@@ -49,7 +49,7 @@ class LLMConfig(BaseModel):
     what differs (bit-identical logits). ``mer bench serve`` turns it off: nothing is cached between requests."""
 
     @model_validator(mode="after")
-    def _check(self) -> "LLMConfig":
+    def _check(self) -> LLMConfig:
         if self.backend == "http" and not self.base_url:
             raise ValueError("llm.backend 'http' needs llm.base_url (an OpenAI-compatible completions endpoint)")
         return self
@@ -80,7 +80,7 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models_dir: str = DEFAULT_MODELS_DIR
-    """Holds ``vanilla/``, ``fusion/`` and optionally ``mllm/`` (what the training stages write)."""
+    """Holds ``vanilla/``, ``fusion/`` and optionally ``mllm/`` (what the training commands write)."""
     use_mllm: bool = False
     """Add the fine-tuned multimodal LLM in ``<models_dir>/mllm/`` as one more ensemble member."""
     llm: LLMConfig = LLMConfig()
@@ -105,24 +105,3 @@ class ServeConfig(BaseModel):
     @property
     def models_path(self) -> Path:
         return Path(self.models_dir).expanduser()
-
-
-def load_config(config: ServeConfig | dict | str | Path | None = None, **overrides) -> ServeConfig:
-    """Build a :class:`ServeConfig` from None, a dict, or a YAML file's ``args`` mapping, then apply overrides."""
-    if config is None:
-        data: dict = {}
-    elif isinstance(config, ServeConfig):
-        data = config.model_dump()
-    elif isinstance(config, (str, Path)):
-        import yaml
-
-        path = Path(config)
-        if not path.exists():
-            raise FileNotFoundError(f"serve config not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        apps = raw.get("applications") if isinstance(raw, dict) else None
-        data = dict((apps[0].get("args") or {}) if apps else raw)
-    else:
-        data = dict(config)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return ServeConfig.model_validate(data)

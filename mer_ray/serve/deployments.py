@@ -1,6 +1,6 @@
-"""Serve deployments: thin wrappers around the plain stage objects (see ``adapters.py``).
+"""Serve deployments: thin wrappers around the plain member objects (see ``members.py``).
 
-Each deployment loads its stage once in ``__init__`` and exposes the stage's
+Each deployment loads its member once in ``__init__`` and exposes the member's
 methods. Resources and autoscaling come from ``serve/*.yaml`` (the defaults here
 suit a laptop); model replicas pin ``torch.set_num_threads`` so fractional CPUs
 do not oversubscribe the cores.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from ray import serve
 
-from mer_ray.serve.adapters import FusionStage, MLLMStage, RefinerStage, VanillaStage
-from mer_ray.serve.featurize import FeaturizerStage
+from mer_ray.serve.featurize import RequestFeaturizer
+from mer_ray.serve.members import FusionMember, MLLMMember, RefinerMember, VanillaMember
 
 
 @serve.deployment(name="Featurizer", ray_actor_options={"num_cpus": 0.5})
@@ -19,10 +19,10 @@ class Featurizer:
     """Text embeddings (packaged MiniLM), plus face/voice features when media are sent."""
 
     def __init__(self, threads: int = 1, extract_config: dict | None = None):
-        self.stage = FeaturizerStage(threads=threads, extract_config=extract_config)
+        self.member = RequestFeaturizer(threads=threads, extract_config=extract_config)
 
     def featurize(self, utterances: list[dict]) -> list[dict]:
-        return self.stage.featurize(utterances)
+        return self.member.featurize(utterances)
 
 
 @serve.deployment(name="Vanilla", ray_actor_options={"num_cpus": 0.5})
@@ -30,13 +30,13 @@ class Vanilla:
     """The vanilla multi-task model (``<models>/vanilla``)."""
 
     def __init__(self, models_dir: str, threads: int = 1):
-        self.stage = VanillaStage(models_dir, threads)
+        self.member = VanillaMember(models_dir, threads)
 
     def label_set_name(self) -> str:
-        return self.stage.label_set_name()
+        return self.member.label_set_name()
 
     def predict(self, rows: list[dict]):
-        return self.stage.predict(rows)
+        return self.member.predict(rows)
 
 
 @serve.deployment(name="LLMRefiner", ray_actor_options={"num_cpus": 1})
@@ -44,10 +44,10 @@ class LLMRefiner:
     """Lantern's LLM prompting per receptive field (llama.cpp in the replica, or an HTTP server)."""
 
     def __init__(self, models_dir: str, llm: dict, threads: int = 1):
-        self.stage = RefinerStage(models_dir, llm, threads)
+        self.member = RefinerMember(models_dir, llm, threads)
 
     def refine(self, rows: list[dict], vanilla, targets: list[int]) -> dict:
-        return self.stage.refine(rows, vanilla, targets)
+        return self.member.refine(rows, vanilla, targets)
 
 
 @serve.deployment(name="Fusion", ray_actor_options={"num_cpus": 0.25})
@@ -55,10 +55,10 @@ class Fusion:
     """Receptive-field-aware attention fusion (``<models>/fusion``)."""
 
     def __init__(self, models_dir: str, threads: int = 1):
-        self.stage = FusionStage(models_dir, threads)
+        self.member = FusionMember(models_dir, threads)
 
     def fuse(self, vanilla, refined: dict):
-        return self.stage.fuse(vanilla, refined)
+        return self.member.fuse(vanilla, refined)
 
 
 @serve.deployment(name="MLLM", ray_actor_options={"num_cpus": 1})
@@ -66,7 +66,7 @@ class MLLM:
     """The fine-tuned multimodal LLM (``<models>/mllm``), one more ensemble member."""
 
     def __init__(self, models_dir: str, threads: int = 1):
-        self.stage = MLLMStage(models_dir, threads)
+        self.member = MLLMMember(models_dir, threads)
 
     def predict(self, rows: list[dict]):
-        return self.stage.predict(rows)
+        return self.member.predict(rows)

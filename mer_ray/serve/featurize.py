@@ -26,7 +26,7 @@ class MediaError(ValueError):
 _FEATURES = ("text_embedding", "face_embedding", "face_probs", "audio_egemaps", "image_embedding", "audio_embedding")
 
 
-class FeaturizerStage:
+class RequestFeaturizer:
     """``featurize(utterances) -> rows``; callable without Ray.
 
     Args:
@@ -44,13 +44,13 @@ class FeaturizerStage:
 
     def _media_stages(self) -> list:
         if self._media is None:
-            from mer_ray.features.config import load_config
+            from mer_ray.config import load
+            from mer_ray.features.config import ExtractConfig
             from mer_ray.features.stages import build_stages, load_class
 
-            from mer_ray.features.config import ExtractConfig
 
             key = "threads" if "threads" in ExtractConfig.model_fields else "torch_threads"
-            cfg = load_config({**self.extract_config, "text": False, key: self.threads})
+            cfg = load(ExtractConfig, {**self.extract_config, "text": False, key: self.threads})
             specs = build_stages(cfg, media_root=None, has_media=True)
             # decode is rebuilt per request (its media root is the request's temp dir); the encoders load once
             self._media = [(s, load_class(s.cls), None if "media_root" in s.kwargs else load_class(s.cls)(**s.kwargs))

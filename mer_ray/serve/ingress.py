@@ -1,4 +1,4 @@
-"""The FastAPI ingress deployment: HTTP in, ``DeploymentHandle`` calls to the stages out.
+"""The FastAPI ingress deployment: HTTP in, ``DeploymentHandle`` calls to the members out.
 
 Every request is checked in this order (``mer_ray/serve/http.py``): API key (401)
 -> body size (413, before the body is read when Content-Length says so) -> JSON
@@ -18,9 +18,9 @@ from ray import serve
 from mer_ray.data.labels import LABEL_SETS
 from mer_ray.serve import schemas as S
 from mer_ray.serve.config import ServeConfig
+from mer_ray.serve.ensemble import Ensemble, LabelSetError, available_label_sets, label_map
 from mer_ray.serve.featurize import MediaError
 from mer_ray.serve.http import ApiError, api, body_spec, check_auth, check_limits, check_sid, parse, read_body
-from mer_ray.serve.pipeline import Ensemble, LabelSetError, available_label_sets, label_map
 from mer_ray.serve.sessions import SessionStore, get_store
 
 
@@ -42,7 +42,7 @@ class _Store:
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    """Routes; the stages are ``DeploymentHandle``s bound by :func:`mer_ray.serve.app.build_app`."""
+    """Routes; the members are ``DeploymentHandle``s bound by :func:`mer_ray.serve.builder.build_app`."""
 
     def __init__(self, cfg: dict, featurizer, vanilla, refiner=None, fusion=None, mllm=None):
         self.cfg = ServeConfig.model_validate(cfg)

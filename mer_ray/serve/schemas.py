@@ -54,7 +54,7 @@ class Utterance(BaseModel):
 
 class _Options(BaseModel):
     label_set: str | None = Field(None, description="Label set of the answer; default: the model's own. Others need a written-down mapping.")
-    use_llm: bool = Field(True, description="False skips the LLM stage (vanilla model only, low latency).")
+    use_llm: bool = Field(True, description="False skips the LLM member (vanilla model only, low latency).")
 
     @field_validator("label_set")
     @classmethod
@@ -93,7 +93,9 @@ class UtterancePrediction(BaseModel):
     probs: dict[str, float] = Field(..., description="The ensemble's final distribution.")
     vanilla: dict[str, float] = Field(..., description="The vanilla model's distribution.")
     llm: dict[str, float] | None = Field(None, description="The LLM refiner's distribution (mean over its receptive fields); null when the LLM was skipped.")
-    receptive_fields: list[list[int]] = Field(default_factory=list, description="[first_turn, last_turn] (inclusive, 0-based positions) of each field the LLM saw for this turn.")
+    receptive_fields: list[list[int]] = Field(
+        default_factory=list, description="[first_turn, last_turn] (inclusive, 0-based positions) of each field the LLM saw for this turn."
+    )
     mllm: dict[str, float] | None = Field(None, description="The fine-tuned multimodal LLM's distribution, when that member is deployed.")
 
 
@@ -101,7 +103,7 @@ class RecognizeResponse(BaseModel):
     label_set: str
     labels: list[str]
     utterances: list[UtterancePrediction]
-    timing_ms: dict[str, float] = Field(..., description="Wall milliseconds per stage, and ``total``.")
+    timing_ms: dict[str, float] = Field(..., description="Wall milliseconds per member, and ``total``.")
 
 
 class BatchResponse(BaseModel):

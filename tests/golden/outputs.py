@@ -95,7 +95,7 @@ def _sha(s: str) -> str:
 def fusion(meld_dir: Path, llm) -> dict[str, np.ndarray]:
     """Fusion weights fitted on the golden Lantern outputs (gold of dev used as the target only)."""
     from mer_ray.data.loaders import load_meld
-    from mer_ray.lantern import fusion as F
+    from mer_ray.lantern import fit as F
 
     van = dev_vanilla(meld_dir)
     gold_t = load_meld(meld_dir, "dev")
@@ -112,18 +112,19 @@ def mllm(meld_dir: Path, work: Path) -> dict[str, np.ndarray]:
     """A tiny FARCER model (tiny Gemma 3, projector-free, LoRA), 3 plain AdamW steps, then `mer predict llm`'s table on 50 dev utterances."""
     import torch
 
-    from mer_ray.mllm_data import Collator, DataConfig, PromptConfig, build_example, load_split, sample_shots
-    from mer_ray.mllm_predict import MLLMPredictor, predict_table
-    from mer_ray.models.mllm_build import ModelConfig, build_model, save_artifacts, set_trainable
-    from mer_ray.models.tiny import build_tiny_lm
+    from mer_ray.mllm.artifacts import save_artifacts
+    from mer_ray.mllm.build import ModelConfig, build_mllm, set_trainable
+    from mer_ray.mllm.examples import Collator, DataConfig, PromptConfig, build_example, load_dialogues, sample_shots
+    from mer_ray.mllm.predict import MLLMPredictor, predict_table
+    from mer_ray.mllm.tiny import build_tiny_lm
 
     base = build_tiny_lm(work / "tiny_base", "gemma3")
     torch.manual_seed(0)
     cfg = ModelConfig(base=str(base))
-    model, tok = build_model(cfg)
+    model, tok = build_mllm(cfg)
     set_trainable(model)
     data = DataConfig(meld_dir=str(meld_dir), max_dialogues={"train": 3})
-    train = load_split(data, "train", {})
+    train = load_dialogues(data, "train", {})
     prompt = PromptConfig(n_shots=3)
     shots = sample_shots(train, 3, 0, tuple(LABELS))
     ex = [build_example(d, i, prompt, tuple(LABELS), shots, [r.get("label") for r in d.rows])
@@ -140,7 +141,7 @@ def mllm(meld_dir: Path, work: Path) -> dict[str, np.ndarray]:
             "shots": [list(s) for s in shots], "template_version": "farcer-v1", "base_model": cfg.base}
     save_artifacts(work / "tiny_ft", model.state_dict(), model, meta)
     pred = MLLMPredictor.from_dir(work / "tiny_ft")
-    dev = load_split(DataConfig(meld_dir=str(meld_dir)), "dev", {})
+    dev = load_dialogues(DataConfig(meld_dir=str(meld_dir)), "dev", {})
     keys, n = set(), 0
     for d in dev:
         for r in d.rows:

@@ -1,0 +1,95 @@
+"""``mer bench ...``: every benchmark, each writing JSON. A leaf: nothing but the root CLI imports it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Benchmarks that write JSON.", no_args_is_help=True)
+
+
+@app.command("extract")
+def bench_extract(
+    out: Path = typer.Option(..., help="JSON file to write."),
+    n_utterances: int = typer.Option(60, help="Clips to generate (at least 60)."),
+    seconds: float = typer.Option(3.0, help="Clip length."),
+    fps: int = typer.Option(10, help="Frames per second of the clips."),
+    width: int = typer.Option(320, help="Frame width in pixels."),
+    work_dir: Path = typer.Option(None, help="Where clips and outputs go (default: a temp directory)."),
+) -> None:
+    """Time the Ray pipeline against a plain loop (default threads, and one thread); write JSON."""
+    from mer_ray.bench.extract import run_bench
+
+    if n_utterances < 60:
+        typer.echo("mer bench extract: --n-utterances must be at least 60", err=True)
+        raise typer.Exit(2)
+    result = run_bench(n_utterances=n_utterances, seconds=seconds, fps=fps, width=width, work_dir=work_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    typer.echo(json.dumps({k: result[k] for k in ("speedup", "efficiency", "utterances_per_second")}, indent=2))
+
+
+@app.command("lantern")
+def bench_lantern(
+    out: Path = typer.Option(..., help="JSON file to write"),
+    vanilla: Path | None = typer.Option(None, help="fixed vanilla predictions (default: train a quick one)"),
+    data_dir: Path | None = typer.Option(None, help="MELD directory (default: $MER_MELD_DIR)"),
+    dialogues: int = typer.Option(40, help="first N MELD dev dialogues"),
+    sizes: str = typer.Option("4,8,whole", help="receptive-field sizes"),
+    actors: int = typer.Option(2, help="engines in the Ray job (default: as jobs/lantern_prompt.yaml)"),
+    threads: int = typer.Option(1, help="threads per engine; the naive loop and raw rate use actors x threads"),
+) -> None:
+    """Lantern prompting: Ray job vs a naive loop vs the prefix-trie floor (Gemma 3 270M)."""
+    from mer_ray.bench.lantern import run_bench
+
+    res = run_bench(out, vanilla, data_dir, dialogues, sizes, actors, threads)
+    typer.echo(json.dumps({k: res[k] for k in ("speedup_vs_naive", "wall_over_floor")}, indent=2))
+
+
+@app.command("train")
+def bench_train(
+    out: Path = typer.Option(..., help="Output JSON."),
+    steps: int = typer.Option(6, help="Timed LoRA steps (after warm-up)."),
+    warmup: int = typer.Option(2, help="Untimed warm-up steps."),
+    seq_len: int = typer.Option(256, help="Fixed sequence length of every batch."),
+    batch: int = typer.Option(1, help="Sequences per step."),
+    threads: int = typer.Option(2, help="Torch threads on both sides (Ray: the worker's CPUs and OMP_NUM_THREADS)."),
+    base: str = typer.Option("gemma3-270m", help="Base LLM."),
+    meld_dir: Path | None = typer.Option(None, help="MELD CSVs that supply the batches' text (default: $MER_MELD_DIR)."),
+):
+    """Plain PyTorch vs Ray Train + DeepSpeed ZeRO-2 (1 worker): the same LoRA steps on the same batches; key `overhead`."""
+    from mer_ray.bench.finetune import run_bench
+
+    res = run_bench(out, steps=steps, warmup=warmup, seq_len=seq_len, batch=batch, threads=threads, base=base, meld_dir=meld_dir)
+    typer.echo(json.dumps({k: res[k] for k in ("plain_tokens_per_s", "ray_tokens_per_s", "overhead", "ray_startup_seconds")}))
+
+
+@app.command("serve")
+def bench_serve_cmd(
+    out: Path = typer.Option(..., "--out", help="JSON file to write."),
+    models: str | None = typer.Option(
+        None,
+        "--models",
+        help="Models dir (default: the config's; when absent there, the demo models are built first and the JSON records it).",
+    ),
+    config: Path | None = typer.Option(None, "--config", help="Serve YAML with fixed replicas (default serve/bench.yaml)."),
+    requests: int = typer.Option(500, help="Requests per concurrency level without the LLM."),
+    llm_requests: int = typer.Option(50, help="Requests with the LLM (at concurrency 4)."),
+    concurrency: str = typer.Option("1,4,16", help="Concurrency levels without the LLM."),
+    port: int = typer.Option(8011, help="HTTP port on 127.0.0.1."),
+    data_dir: Path | None = typer.Option(None, help="MELD dir for payloads (default $MER_MELD_DIR; else generated dialogues)."),
+    num_cpus: float | None = typer.Option(None, help="CPUs of the local Ray instance (default: all)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key of the app's args, e.g. --set torch_threads=2."),
+):
+    """Bounded load on 127.0.0.1, against the same pipeline in-process: rps, p50, p99, errors (JSON)."""
+    import json
+
+    from mer_ray.bench.serve import run_bench
+
+    res = run_bench(out=out, models_dir=models, config=config, n_requests=requests, n_llm=llm_requests,
+                    levels=[int(c) for c in concurrency.split(",")], port=port, data_dir=data_dir, num_cpus=num_cpus,
+                    overrides=set_)
+    typer.echo(json.dumps({k: res[k] for k in ("errors", "serve_over_inprocess", "p99_over_p50")}, indent=1))
+    typer.echo(f"wrote {out}")

@@ -1,1 +1,0 @@
-"""CLI subcommands, one module per area; each registers on the apps in ``mer_ray.cli``."""

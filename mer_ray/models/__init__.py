@@ -1,1 +1,0 @@
-"""mer_ray.models"""

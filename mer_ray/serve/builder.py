@@ -1,0 +1,117 @@
+"""Build the Serve application from a :class:`ServeConfig` (and ``serve/*.yaml``).
+
+``app_builder`` is the ``import_path`` of every shipped Serve config, so
+``serve run serve/mer.yaml`` and a KubeRay ``RayService`` build the same graph
+as ``mer serve``; ``mer serve`` reads the same YAML and applies its per-deployment
+options itself (no dashboard needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mer_ray.config import load
+from mer_ray.serve.config import ServeConfig
+
+DEPLOYMENTS = ("Ingress", "Featurizer", "Vanilla", "LLMRefiner", "Fusion", "MLLM")
+_OPTION_KEYS = {"num_replicas", "autoscaling_config", "ray_actor_options", "max_ongoing_requests", "max_queued_requests",
+                "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", "health_check_period_s",
+                "health_check_timeout_s", "user_config"}
+
+
+def check_models(cfg: ServeConfig) -> list[str]:
+    """What the config needs from the models dir and is missing (empty: all there)."""
+    from mer_ray.lantern.artifacts import META_FILE as FUSION_META
+    from mer_ray.mllm.artifacts import META_FILE as MLLM_META
+    from mer_ray.vanilla.artifacts import META_FILE as VANILLA_META
+
+    root = cfg.models_path
+    need = [("vanilla", VANILLA_META)]
+    if cfg.llm.enabled:
+        need.append(("fusion", FUSION_META))
+    if cfg.use_mllm:
+        need.append(("mllm", MLLM_META))
+    return [f"{root / d}/{f}" for d, f in need if not (root / d / f).exists()]
+
+
+class MissingModelsError(FileNotFoundError):
+    """The models directory lacks files the config needs; the message names them and the commands that make them."""
+
+
+#: What makes each model directory.
+MAKERS = {
+    "vanilla": "mer pipeline --dataset meld --data-dir DIR --out RUN (a real MELD model: RUN/models/vanilla/seed0), "
+               "or mer demo (a generated-corpus plumbing check)",
+    "fusion": "mer lantern fuse ... --out RUN (writes RUN/fusion/), or mer demo; or serve with --no-llm",
+    "mllm": "mer finetune --config jobs/finetune_cpu.yaml (copy its out/ to <models>/mllm), or use_mllm: false",
+}
+
+
+def require_models(cfg: ServeConfig) -> None:
+    """Raise :class:`MissingModelsError` unless every model the config serves is in ``cfg.models_dir``.
+
+    Nothing is trained here: a server that trained a stand-in model behind its user's back would
+    answer real dialogues with near-uniform probabilities and never say so.
+    """
+    missing = check_models(cfg)
+    if missing:
+        how = "; ".join(f"{d}/: {MAKERS[d]}" for d in MAKERS if any(f"/{d}/" in m for m in missing))
+        raise MissingModelsError(f"models dir {cfg.models_dir!r} lacks {missing}. Make them with: {how}. "
+                                 "Then pass --models DIR.")
+
+
+def build_app(cfg: ServeConfig | dict | None = None, options: dict[str, dict] | None = None):
+    """The bound application: Ingress -> Featurizer, Vanilla, [LLMRefiner, Fusion], [MLLM].
+
+    Args:
+        cfg: the app config (models dir is made absolute here, so replicas find it from any cwd).
+        options: per-deployment ``.options()`` (``num_replicas``, ``autoscaling_config``, ...), by name.
+    """
+    from mer_ray.serve.deployments import MLLM, Featurizer, Fusion, LLMRefiner, Vanilla
+    from mer_ray.serve.ingress import Ingress
+
+    cfg = load(ServeConfig, cfg)
+    cfg = cfg.model_copy(update={"models_dir": str(cfg.models_path.resolve())})
+    options = options or {}
+    bad = sorted(set(options) - set(DEPLOYMENTS))
+    if bad:
+        raise ValueError(f"unknown deployment names {bad}; known: {list(DEPLOYMENTS)}")
+
+    def opt(d):
+        return d.options(**options[d.name]) if options.get(d.name) else d
+
+    th, md = cfg.torch_threads, cfg.models_dir
+    feat = opt(Featurizer).bind(th)
+    van = opt(Vanilla).bind(md, th)
+    ref = fus = mllm = None
+    if cfg.llm.enabled:
+        ref = opt(LLMRefiner).bind(md, cfg.llm.model_dump(), cfg.llm.n_threads)
+        fus = opt(Fusion).bind(md, th)
+    if cfg.use_mllm:
+        mllm = opt(MLLM).bind(md, th)
+    return opt(Ingress).bind(cfg.model_dump(), feat, van, ref, fus, mllm)
+
+
+def app_builder(args: dict):
+    """Entry point for ``import_path: mer_ray.serve.builder:app_builder``; ``args`` are ServeConfig fields."""
+    return build_app(load(ServeConfig, dict(args or {})))
+
+
+def read_serve_yaml(path: str | Path) -> tuple[dict, dict, dict[str, dict]]:
+    """Validate a Serve config file with Ray's own schema; returns (top level, the app, options by deployment)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(Path(path).read_text())
+    ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
+    apps = raw.get("applications") or []
+    if len(apps) != 1:
+        raise ValueError(f"{path}: expected exactly one application, found {len(apps)}")
+    app = apps[0]
+    options = {}
+    for d in app.get("deployments") or []:
+        extra = set(d) - _OPTION_KEYS - {"name"}
+        if extra:
+            raise ValueError(f"{path}: deployment {d.get('name')!r} has options mer serve does not apply: {sorted(extra)}")
+        options[d["name"]] = {k: v for k, v in d.items() if k != "name"}
+    return raw, app, options

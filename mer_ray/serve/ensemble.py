@@ -1,0 +1,141 @@
+"""The ensemble's request logic, written once for Serve and for in-process use.
+
+:class:`Ensemble` holds one async callable per member. Under Serve each is a
+``DeploymentHandle`` method (``await handle.m.remote(x)``); in process each is a
+plain member object run in a thread (:meth:`Ensemble.local`). The benchmark
+compares the two on exactly this code, so Serve's overhead is a ratio.
+
+Shapes: ``n`` utterances, ``C`` labels of the model's label set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mer_ray.data.labels import MAPPINGS, get_label_set
+
+Member = Callable[..., Awaitable[Any]]
+
+
+class LabelSetError(ValueError):
+    """The requested label set cannot be answered from the model's (422)."""
+
+
+def label_map(model_set: str, target: str | None) -> tuple[str, list[str], np.ndarray | None]:
+    """Projection [C, C'] summing model-label mass into ``target`` labels (None: identity)."""
+    if target is None or target == model_set:
+        return model_set, list(get_label_set(model_set).labels), None
+    mapping = MAPPINGS.get((model_set, target))
+    if mapping is None:
+        ok = [model_set] + sorted(t for s, t in MAPPINGS if s == model_set)
+        raise LabelSetError(f"label_set {target!r} cannot be answered: the model predicts {model_set!r}, "
+                            f"and there is no written-down mapping to {target!r}; available: {ok}")
+    src, tgt = get_label_set(model_set).labels, list(get_label_set(target).labels)
+    proj = np.zeros((len(src), len(tgt)), dtype=np.float64)
+    for i, lab in enumerate(src):
+        if mapping.get(lab) is not None:
+            proj[i, tgt.index(mapping[lab])] = 1.0
+    return target, tgt, proj
+
+
+def _as_dist(p, proj: np.ndarray | None, labels: list[str]) -> dict[str, float]:
+    p = np.asarray(p, dtype=np.float64)
+    if proj is not None:
+        p = p @ proj  # labels without a counterpart drop out; renormalise over the rest
+        s = p.sum()
+        p = p / s if s > 0 else np.full(len(labels), 1.0 / len(labels))
+    return {lab: float(v) for lab, v in zip(labels, p)}
+
+
+def available_label_sets(model_set: str) -> list[str]:
+    return [model_set] + sorted(t for s, t in MAPPINGS if s == model_set)
+
+
+@dataclass
+class Ensemble:
+    """Async member callables; see the module docstring."""
+
+    featurize: Member
+    vanilla: Member
+    label_set: Member
+    refine: Member | None = None
+    fuse: Member | None = None
+    mllm: Member | None = None
+    mllm_weight: float = 0.5
+    _label_set: str | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def local(cls, featurizer, vanilla, refiner=None, fusion=None, mllm=None, mllm_weight: float = 0.5) -> Ensemble:
+        """Wrap plain member objects (no Ray): each call runs in a worker thread."""
+
+        def th(fn):
+            return None if fn is None else (lambda *a: asyncio.to_thread(fn, *a))
+
+        return cls(th(featurizer.featurize), th(vanilla.predict), th(vanilla.label_set_name),
+                   th(refiner and refiner.refine), th(fusion and fusion.fuse), th(mllm and mllm.predict), mllm_weight)
+
+    async def model_label_set(self) -> str:
+        """The label set the models predict. Fixed for a deployment's lifetime, so asked once (a failed first call
+        is not cached); the ingress and every request share this one answer."""
+        if self._label_set is None:
+            self._label_set = await self.label_set()
+        return self._label_set
+
+    async def predict_rows(self, rows: list[dict], use_llm: bool, label_set: str | None, targets: list[int] | None = None,
+                           timing: dict[str, float] | None = None) -> dict:
+        """Predict a featurized dialogue; ``targets`` limits the answer (and the LLM work) to some positions."""
+        timing = {} if timing is None else timing
+        model_set = await self.model_label_set()
+        name, labels, proj = label_map(model_set, label_set)
+        n = len(rows)
+        targets = list(range(n)) if targets is None else targets
+        t = time.perf_counter()
+        van_out = await self.vanilla(rows)  # emotion_probs [n, C], sentiment_probs, vad (prompt references)
+        van = np.asarray(van_out["emotion_probs"], dtype=np.float64)
+        timing["vanilla"] = (time.perf_counter() - t) * 1e3
+        fused, llm, fields = van, [None] * n, [[] for _ in range(n)]
+        jobs = {}
+        if use_llm and self.refine is not None:
+            jobs["llm"] = self.refine(rows, van_out, targets)
+        if self.mllm is not None:
+            jobs["mllm"] = self.mllm(rows)
+        t = time.perf_counter()
+        done = dict(zip(jobs, await asyncio.gather(*jobs.values())))
+        if "llm" in done:
+            ref = done["llm"]  # {"llm": [n] of [C] or None, "fields": [n] of [[first, last]], ...}
+            timing["llm"] = (time.perf_counter() - t) * 1e3
+            t = time.perf_counter()
+            fused = np.asarray(await self.fuse(van_out["emotion_probs"], ref), dtype=np.float64)
+            timing["fusion"] = (time.perf_counter() - t) * 1e3
+            llm, fields = ref["llm"], ref["fields"]
+        mllm = done.get("mllm")
+        if mllm is not None:
+            timing["mllm"] = (time.perf_counter() - t) * 1e3
+            mllm = np.asarray(mllm, dtype=np.float64)
+            fused = (1 - self.mllm_weight) * fused + self.mllm_weight * mllm
+        out = []
+        for i in targets:
+            probs = _as_dist(fused[i], proj, labels)
+            out.append({
+                "label": max(probs, key=probs.get), "probs": probs, "vanilla": _as_dist(van[i], proj, labels),
+                "llm": None if llm[i] is None else _as_dist(llm[i], proj, labels),
+                "receptive_fields": [list(map(int, f)) for f in fields[i]],
+                "mllm": None if mllm is None else _as_dist(mllm[i], proj, labels),
+            })
+        return {"label_set": name, "labels": labels, "utterances": out, "timing_ms": timing}
+
+    async def recognize(self, utterances: list[dict], use_llm: bool = True, label_set: str | None = None) -> dict:
+        """One dialogue of plain utterance dicts (``speaker``, ``text``, optional media bytes) -> response dict."""
+        t0 = time.perf_counter()
+        timing: dict[str, float] = {}
+        rows = await self.featurize(utterances)
+        timing["features"] = (time.perf_counter() - t0) * 1e3
+        out = await self.predict_rows(rows, use_llm, label_set, timing=timing)
+        timing["total"] = (time.perf_counter() - t0) * 1e3
+        return out

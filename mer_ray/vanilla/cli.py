@@ -1,0 +1,143 @@
+"""`mer` subcommands for the vanilla area: train, predict vanilla, eval, pipeline, demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer()
+predict_app = typer.Typer()
+
+#: The MELD recipe that `mer pipeline --dataset meld` runs when no --config is given, read by path
+#: from the current directory (a checkout); elsewhere, pass --config.
+MELD_RECIPE = Path("jobs/vanilla_meld.yaml")
+SET_HELP = "Override a config key, e.g. --set train.epochs=3 (repeatable)."
+
+
+def _gold_table(dataset: str, data: Path):
+    from mer_ray.vanilla.recipe import load_dataset
+
+    return load_dataset(dataset, data)
+
+
+@app.command("train")
+def train(
+    store: Path = typer.Option(..., help="feature store (Parquet dir from `mer extract`) with a `split` column"),
+    out: Path = typer.Option(..., help="run directory: Ray Train state under ray_train/, the best model under models/vanilla/seed{S}"),
+    config: Path | None = typer.Option(None, help="a jobs/vanilla_*.yaml (its `train:` block is used)"),
+    seed: int | None = typer.Option(None, help="seed (default: the config's first seed)"),
+    epochs: int | None = typer.Option(None, help="override train.epochs"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Train one seed of the vanilla model with Ray Train; re-running the same command resumes it."""
+    from mer_ray.config import load
+    from mer_ray.runtime import start_ray
+    from mer_ray.vanilla.recipe import PipelineConfig
+    from mer_ray.vanilla.train import fit
+
+    cfg = load(PipelineConfig, config, set_)
+    s = cfg.seeds[0] if seed is None else seed
+    tcfg = cfg.train.model_copy(update={"seed": s, **({"epochs": epochs} if epochs else {})})
+    start_ray(cfg.ray_num_cpus)
+    res = fit(tcfg, store, out / "ray_train", f"vanilla_seed{s}", export_dir=out / "models" / "vanilla" / f"seed{s}")
+    typer.echo(json.dumps({"best_epoch": res["best_epoch"], "model_dir": res["export_dir"], "history": res["history"]}, indent=1))
+
+
+@predict_app.command("vanilla")
+def predict_vanilla(
+    model: Path = typer.Option(..., help="model directory (models/vanilla/seed{S}) or a Ray Train checkpoint"),
+    input: Path = typer.Option(..., help="feature store dir, or a Parquet/CSV/JSONL manifest (frozen-feature models need the store)"),
+    out: Path = typer.Option(..., help="predictions Parquet to write"),
+    split: str | None = typer.Option(None, help="only rows whose `split` column equals this"),
+) -> None:
+    """Write per-utterance distributions (emotion, sentiment, VAD); the file never holds gold columns."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from mer_ray.vanilla.predict import VanillaPredictor, drop_gold
+
+    if input.is_dir():
+        table = ds.dataset(str(input), format="parquet").to_table()
+    else:
+        from mer_ray.data.loaders import load_manifest
+
+        table = load_manifest(input)
+    table = drop_gold(table)
+    if split is not None:
+        if "split" not in table.column_names:
+            raise typer.BadParameter(f"{input} has no `split` column", param_hint="--split")
+        table = table.filter(pc.equal(table.column("split"), split))
+        if table.num_rows == 0:
+            raise typer.BadParameter(f"no rows with split={split!r} in {input}", param_hint="--split")
+    pred = VanillaPredictor.from_dir(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pred.predictions_table(table), out)
+    typer.echo(f"wrote {table.num_rows} predictions to {out}")
+
+
+@app.command("eval")
+def eval_(
+    predictions: list[Path] = typer.Argument(..., help="predictions Parquet files of one split, one per seed"),
+    data: Path = typer.Option(..., help="gold source: a MELD directory, or a manifest with `label`"),
+    out: Path = typer.Option(..., help="report directory (report.json, report.md, PNGs)"),
+    dataset: str = typer.Option("meld", help="meld or manifest"),
+    split: str = typer.Option("test", help="the split the predictions cover"),
+) -> None:
+    """Weighted F1, accuracy, macro F1, per-class F1, UAR/WAR, confusion matrix; seeds -> mean ± std."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from mer_ray.eval.report import build_report, evaluate_predictions
+
+    gold = _gold_table(dataset, data)
+    if "split" in gold.column_names:
+        gold = gold.filter(pc.equal(gold.column("split"), split))
+    per_seed = {}
+    for i, p in enumerate(predictions):
+        seed = json.loads((pq.read_schema(p).metadata or {}).get(b"seed", b"null")) if p.exists() else None
+        per_seed[seed if isinstance(seed, int) and seed not in per_seed else 1000 + i] = {split: evaluate_predictions(p, gold)}
+    report = build_report(per_seed, out, extra={"predictions": [str(p) for p in predictions]})
+    r = report[split]
+    typer.echo(f"{split}: weighted F1 {r['weighted_f1']:.2f} ± {r['weighted_f1_std']:.2f}, accuracy {r['accuracy']:.2f}, "
+               f"macro F1 {r['macro_f1']:.2f} over {len(per_seed)} seed(s); report in {out / 'report.md'}")
+
+
+@app.command("pipeline")
+def pipeline(
+    out: Path = typer.Option(..., help="run directory; report.json lands here"),
+    dataset: str = typer.Option("meld", help="meld (a directory of MELD CSVs) or manifest (a file with a `split` column)"),
+    data_dir: Path | None = typer.Option(None, help="the MELD directory (dataset=meld)"),
+    manifest: Path | None = typer.Option(None, help="the manifest file (dataset=manifest)"),
+    media_root: Path | None = typer.Option(None, help="where manifest media paths resolve"),
+    config: Path | None = typer.Option(None, help="a jobs/vanilla_*.yaml (default for --dataset meld: jobs/vanilla_meld.yaml)"),
+    seeds: str | None = typer.Option(None, help="comma-separated seeds overriding the config's"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """extract -> train (one Ray Train run per seed, selected on dev) -> predict -> eval; writes report.json."""
+    import ray
+
+    from mer_ray.config import load
+    from mer_ray.runtime import start_ray
+    from mer_ray.vanilla.recipe import PipelineConfig, run_pipeline
+
+    data = data_dir if dataset == "meld" else manifest
+    if data is None:
+        raise typer.BadParameter("give --data-dir for meld or --manifest for manifest")
+    overrides = [f"dataset={dataset}", *([f"seeds=[{seeds}]"] if seeds else []), *set_]
+    if config is None and dataset == "meld":
+        config = MELD_RECIPE if MELD_RECIPE.exists() else None  # the documented MELD run
+    cfg = load(PipelineConfig, config, overrides)
+    started = start_ray(cfg.ray_num_cpus)
+    try:
+        report = run_pipeline(cfg, data, out, media_root)
+    finally:
+        if started:
+            ray.shutdown()
+    for split in cfg.predict_splits:
+        r = report[split]
+        typer.echo(f"{split}: weighted F1 {r['weighted_f1']:.2f} ± {r['weighted_f1_std']:.2f}, accuracy {r['accuracy']:.2f} ± "
+                   f"{r['accuracy_std']:.2f}, macro F1 {r['macro_f1']:.2f} ± {r['macro_f1_std']:.2f}")
+    typer.echo(f"report: {out / 'report.json'} ({out / 'report.md'}); wall {report['wall_seconds']:.0f}s")
