@@ -12,6 +12,7 @@ import typer
 from mer_ray.bench import cli as bench
 from mer_ray.data import cli as data
 from mer_ray.demo import cli as demo
+from mer_ray.ensemble import cli as ensemble
 from mer_ray.features import cli as features
 from mer_ray.lantern import cli as lantern
 from mer_ray.mllm import cli as mllm
@@ -23,7 +24,7 @@ set_offline_env()
 
 app = typer.Typer(help="mer-ray: multimodal emotion recognition in conversations, on Ray.", no_args_is_help=True)
 predict = typer.Typer(help="Write per-utterance probability distributions.", no_args_is_help=True)
-for area in (features, vanilla, mllm, serve, demo):
+for area in (features, vanilla, mllm, ensemble, serve, demo):
     app.add_typer(area.app)  # an unnamed sub-app: its commands are top-level (mer extract, mer train, ...)
 for area in (vanilla, mllm):
     predict.add_typer(area.predict_app)

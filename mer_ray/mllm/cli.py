@@ -95,6 +95,7 @@ def predict_llm(
     seed: int = typer.Option(0, help="Seed of --subset / --max-dialogues."),
     base: str | None = typer.Option(None, help="Override the base model recorded in the directory."),
     batch_size: int = typer.Option(4, help="Prompts per forward pass."),
+    references: Path | None = typer.Option(None, help="Vanilla predictions of the split (Parquet file or dir), for a model trained with prompt.references."),
 ):
     """Label distributions from a fine-tuned LLM (no Ray, no DeepSpeed)."""
     import pyarrow.parquet as pq
@@ -110,7 +111,14 @@ def predict_llm(
     mods = _modalities(model)
     dialogues = load_dialogues(data, split, mods if features else {})
     keys = stratified_keys(dialogues, subset, seed) if subset else None
-    table = predict_table(pred, dialogues, split, keys)
+    refs = None
+    if pred.prompt.references:
+        from mer_ray.mllm.dialogue import read_references
+
+        if references is None:
+            raise typer.BadParameter("this model reads vanilla references: give --references (mer predict vanilla's output for the split)")
+        refs = read_references(references, pred.labels)
+    table = predict_table(pred, dialogues, split, keys, refs)
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out)
     typer.echo(json.dumps({"out": str(out), "rows": table.num_rows, "labels": list(pred.labels)}))

@@ -28,6 +28,7 @@ class TrainSettings(BaseModel):
         "lora", description="projector only; projector + LoRA; Emotion-LLaMA phase 1 projectors, phase 2 LoRA + projectors."
     )
     max_steps: int = Field(100, gt=0, description="Optimizer steps in all (both phases).")
+    epochs: float | None = Field(None, gt=0, description="Train this many passes over the training examples (sets max_steps from the data size).")
     phase1_steps: int = Field(0, ge=0, description="coarse_to_fine: steps of phase 1 (projectors only).")
     time_budget_min: float | None = Field(None, gt=0, description="Stop (and export) once training has run this many minutes.")
     micro_batch: int = Field(2, gt=0, description="Examples per worker per micro-batch.")
@@ -37,6 +38,9 @@ class TrainSettings(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
     checkpoint_every: int = Field(50, gt=0, description="Report a DeepSpeed checkpoint to Ray every N steps.")
+    checkpoint_every_min: float | None = Field(10.0, gt=0, description="Also checkpoint once this many minutes passed since the last one "
+                                                                      "(so a kill loses at most that much work).")
+    class_weights: Literal["balanced", "none"] = Field("balanced", description="Loss weight per class: sklearn 'balanced' (FARCER) or none.")
     seed: int = Field(0, description="Seed of weights init and data order.")
     pid_file: str | None = Field(None, description="Rank 0 writes its pid and step here after each step (fault-tolerance test).")
     min_step_seconds: float = Field(0.0, ge=0, description="Pad each step to at least this long (demos and the fault-tolerance test, so a kill lands mid-run).")
@@ -109,6 +113,11 @@ class FinetuneConfig(BaseModel):
             raise ValueError(f"train.mode {self.train.mode!r} needs model.lora settings")
         if self.train.mode == "coarse_to_fine" and not self.model.projectors:
             raise ValueError("train.mode 'coarse_to_fine' needs projectors for phase 1")
+        p = self.prompt
+        if p.template == "farcer-dialogue-v1" and (p.past_labels or p.reasoning or p.n_shots):
+            raise ValueError("prompt.template farcer-dialogue-v1 takes no past_labels, reasoning or n_shots (no label token is ever written)")
+        if p.references and p.template != "farcer-dialogue-v1":
+            raise ValueError("prompt.references needs prompt.template farcer-dialogue-v1")
         return absolute_paths(self)  # Ray workers run in other directories
 
 
@@ -155,6 +164,7 @@ def absolute_paths(cfg: FinetuneConfig) -> FinetuneConfig:
     d = cfg.data
     d.meld_dir, d.features = _abs(d.meld_dir), _abs(d.features)
     d.manifests = {k: _abs(v) for k, v in d.manifests.items()}
+    d.references = {k: _abs(v) for k, v in d.references.items()}
     cfg.out = _abs(cfg.out)
     cfg.ray.storage_path = _abs(cfg.ray.storage_path)
     if Path(cfg.model.base).expanduser().exists():

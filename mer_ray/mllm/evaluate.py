@@ -24,6 +24,14 @@ def _short(m: dict) -> dict:
     return {k: m[k] for k in KEEP}
 
 
+def _references(cfg: FinetuneConfig, split: str, labels):
+    from mer_ray.mllm.dialogue import read_references
+
+    if split not in cfg.data.references:
+        raise ValueError(f"the model reads vanilla references: data.references needs split {split!r}")
+    return read_references(cfg.data.references[split], labels)
+
+
 def run_eval(cfg: FinetuneConfig, art_dir: str | Path | None, out_json: str | Path | None = None, device: str = "cpu") -> dict:
     """Metrics of the fine-tuned model (``art_dir``; None = skip) and of the baseline shot counts, per split (on ``device``)."""
     from mer_ray.data.labels import get_label_set
@@ -37,17 +45,18 @@ def run_eval(cfg: FinetuneConfig, art_dir: str | Path | None, out_json: str | Pa
         keys = stratified_keys(dialogues, e.subset, e.seed) if e.subset else None
         data[split] = (dialogues, keys)
     res: dict = {"splits": e.splits, "subset": e.subset, "subset_seed": e.seed, "base_model": cfg.model.base,
-                 "template": "farcer-v1", "finetuned": {}, "baseline": {}}
+                 "template": cfg.prompt.template, "finetuned": {}, "baseline": {}}
     if art_dir is not None:
         t0 = time.time()
         ft = MLLMPredictor.from_dir(art_dir, batch_size=e.batch_size)
         ft.model.to(device)
         for split, (dialogues, keys) in data.items():
-            res["finetuned"][split] = _short(evaluate(ft.predict(dialogues, keys), dialogues, labels))
+            refs = _references(cfg, split, labels) if ft.prompt.references else None
+            res["finetuned"][split] = _short(evaluate(ft.predict(dialogues, keys, references=refs), dialogues, labels))
         res["finetuned"]["seconds"] = time.time() - t0
         res["finetuned"]["train"] = read_meta(art_dir)["train"]
         del ft
-    if e.baseline_shots and e.splits:
+    if e.baseline_shots and e.splits and cfg.prompt.template == "farcer-v1":  # the baseline scores per-utterance prompts
         train = load_dialogues(cfg.data.model_copy(update={"max_dialogues": {}}), cfg.data.train_split, {})
         sel, rest = e.splits[0], e.splits[1:]
         base = None

@@ -21,6 +21,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +36,12 @@ class PromptConfig(BaseModel):
     """How prompts are built."""
 
     model_config = ConfigDict(extra="forbid")
+    template: Literal["farcer-v1", "farcer-dialogue-v1"] = Field(
+        "farcer-v1", description="farcer-v1: one prompt per target utterance; farcer-dialogue-v1: one pass per dialogue, "
+                                 "a marker after each utterance (mer_ray/mllm/dialogue.py).")
+    references: bool = Field(False, description="farcer-dialogue-v1: write the vanilla model's distribution after each utterance "
+                                                "(Lantern x FARCER); needs data.references for every split.")
+    reference_top_k: int = Field(3, ge=1, description="Emotions written per reference (as Lantern's prompts).")
     n_shots: int = Field(0, ge=0, le=16, description="Few-shot examples from train in every prompt (0, 3, 7 in FARCER).")
     shot_seed: int = Field(0, description="Seed that picks the few-shot examples.")
     past_labels: bool = Field(False, description="Write earlier turns' labels into the dialogue (gold in train, predicted at inference).")
@@ -55,6 +62,9 @@ class DataConfig(BaseModel):
     max_dialogues: dict[str, int] = Field(default_factory=dict, description="Split -> keep this many dialogues (seeded sample).")
     subset: dict[str, int] = Field(default_factory=dict, description="Split -> stratified seeded subset of target utterances.")
     seed: int = Field(0, description="Seed of dialogue sampling and subsets.")
+    references: dict[str, str] = Field(
+        default_factory=dict, description="Split -> vanilla prediction Parquet (file or directory) written as references "
+                                          "(prompt.references). Train's must be cross-fitted: models that never saw those dialogues.")
 
 
 @dataclass

@@ -75,9 +75,48 @@ class MultimodalLM(nn.Module):
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    def label_logits(self, h: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+        """``[N, H]`` -> ``[N, K]``: the LM head's logits of the ``K`` label tokens only.
+
+        Equal to ``logits_from_hidden(h)[:, label_ids]`` (soft-capping is element-wise) at a fraction of the
+        cost: 7 rows of the head instead of 262k.
+        """
+        head = self.causal.get_output_embeddings()
+        logits = (h @ head.weight[label_ids].T).float()
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[label_ids].float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Training loss for one batch (a scalar): see :func:`weighted_label_loss`."""
-        return weighted_label_loss(self, batch)
+        """Training loss for one batch (a scalar): :func:`marker_loss` for dialogue batches (``marker_pos``),
+        else :func:`weighted_label_loss`."""
+        return marker_loss(self, batch) if "marker_pos" in batch else weighted_label_loss(self, batch)
+
+
+def marker_loss(model: MultimodalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Class-weighted cross-entropy over the label set at every utterance marker (template ``farcer-dialogue-v1``).
+
+    The softmax runs over the ``K`` label tokens only: that is the distribution the model predicts
+    (:func:`score_markers`), so training and inference agree. Batch keys: ``marker_pos`` ``[N, 2]``
+    (row, position), ``label_ids`` ``[K]``, ``marker_label`` ``[N]`` (index into the label set),
+    ``marker_weight`` ``[N]``. Returns ``sum(w * ce) / sum(w)``.
+    """
+    h = model.hidden(batch)
+    pos = batch["marker_pos"]
+    logits = model.label_logits(h[pos[:, 0], pos[:, 1]], batch["label_ids"])
+    ce = F.cross_entropy(logits, batch["marker_label"], reduction="none")
+    w = batch["marker_weight"].to(ce.dtype)
+    return (w * ce).sum() / w.sum().clamp_min(1e-8)
+
+
+@torch.no_grad()
+def score_markers(model: MultimodalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[N, K]`` label distributions at the markers of a dialogue batch (rows sum to 1)."""
+    h = model.hidden(batch)
+    pos = batch["marker_pos"]
+    return model.label_logits(h[pos[:, 0], pos[:, 1]], batch["label_ids"]).softmax(-1)
 
 
 def weighted_label_loss(model: MultimodalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -163,4 +202,4 @@ def generate_explanation(model: MultimodalLM, batch: dict[str, torch.Tensor], la
     return out
 
 
-__all__ = ["MultimodalLM", "Projector", "weighted_label_loss", "score_labels", "generate_explanation"]
+__all__ = ["MultimodalLM", "Projector", "weighted_label_loss", "marker_loss", "score_markers", "score_labels", "generate_explanation"]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mer_ray.mllm.dialogue import DIALOGUE_TEMPLATE, DialogueEncoder
 from mer_ray.mllm.examples import Collator, Dialogue, Key, PromptConfig, build_example
 from mer_ray.mllm.model import MultimodalLM, score_labels
 
@@ -34,6 +35,9 @@ class MLLMPredictor:
                  shots: list[tuple[str, str]], batch_size: int = 4, label_set: str = ""):
         self.model, self.labels, self.prompt, self.shots = model.eval(), tuple(labels), prompt, [tuple(s) for s in shots]
         self.collate = Collator(tokenizer, self.labels, None, prompt.max_tokens)
+        self.encoder = None
+        if prompt.template == DIALOGUE_TEMPLATE:
+            self.encoder = DialogueEncoder(tokenizer, self.labels, prompt)
         self.batch_size, self.label_set = batch_size, label_set
         self.modalities = list(model.projectors.keys())
 
@@ -59,11 +63,37 @@ class MLLMPredictor:
         batch = {k: v.to(dev) for k, v in self.collate(examples).items()}
         return score_labels(self.model, batch, self.collate.label_tokens).float().cpu().numpy()
 
-    def predict(self, dialogues: list[Dialogue], keys: set[Key] | None = None, progress: bool = True) -> dict[Key, np.ndarray]:
+    def _predict_dialogues(self, dialogues: list[Dialogue], keys: set[Key] | None, refs: dict[Key, np.ndarray] | None,
+                           progress: bool) -> dict[Key, np.ndarray]:
+        """Template ``farcer-dialogue-v1``: one pass per segment, every utterance read at its marker."""
+        from mer_ray.mllm.model import score_markers
+
+        segs = [s for d in dialogues for s in self.encoder.segments(d, refs) if keys is None or any(k in keys for k in s.keys)]
+        segs.sort(key=lambda s: len(s.items))  # similar lengths per batch: little padding
+        dev = next(self.model.parameters()).device
+        out: dict[Key, np.ndarray] = {}
+        bar = tqdm(total=sum(len(s.keys) for s in segs), desc="scoring dialogues", disable=not progress)
+        for i in range(0, len(segs), self.batch_size):
+            chunk = segs[i : i + self.batch_size]
+            batch = {k: v.to(dev) for k, v in self.encoder(chunk).items()}
+            probs = score_markers(self.model, batch).float().cpu().numpy()
+            for key, p in zip([k for s in chunk for k in s.keys], probs):
+                if keys is None or key in keys:
+                    out[key] = p
+            bar.update(sum(len(s.keys) for s in chunk))
+        return out
+
+    def predict(self, dialogues: list[Dialogue], keys: set[Key] | None = None, progress: bool = True,
+                references: dict[Key, np.ndarray] | None = None) -> dict[Key, np.ndarray]:
         """``{(dialogue_id, turn): [C] probabilities}`` for ``keys`` (default: every utterance).
 
         With past labels every earlier turn of a wanted utterance is predicted too (its label enters the prompt).
+
+        Args:
+            references: vanilla distributions per utterance, for a model trained with ``prompt.references``.
         """
+        if self.encoder is not None:
+            return self._predict_dialogues(dialogues, keys, references, progress)
         want = [(d, i) for d in dialogues for i, r in enumerate(d.rows) if keys is None or (d.dialogue_id, int(r["turn"])) in keys]
         out: dict[Key, np.ndarray] = {}
         bar = tqdm(total=len(want), desc="scoring labels", disable=not progress)
@@ -92,7 +122,8 @@ class MLLMPredictor:
                         bar.update(1)
         return out
 
-    def predict_dialogue(self, utterances: list[dict], features: list[dict] | None = None) -> dict[str, np.ndarray]:
+    def predict_dialogue(self, utterances: list[dict], features: list[dict] | None = None,
+                         references: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """One dialogue (dicts with ``speaker``, ``text``; ``turn`` optional) -> ``{"emotion_probs": [n, C]}``.
 
         Args:
@@ -100,7 +131,8 @@ class MLLMPredictor:
         """
         rows = [{"dialogue_id": "d", "turn": u.get("turn", i), "speaker": u.get("speaker", "Speaker"), "text": u["text"]} for i, u in enumerate(utterances)]
         d = Dialogue("d", rows, [{m: np.asarray(v, np.float32) for m, v in f.items() if v is not None} for f in features] if features else [{} for _ in rows])
-        probs = self.predict([d], progress=False)
+        refs = None if references is None else {("d", int(r["turn"])): np.asarray(p) for r, p in zip(rows, references)}
+        probs = self.predict([d], progress=False, references=refs)
         return {"emotion_probs": np.stack([probs[("d", int(r["turn"]))] for r in rows])}
 
 
@@ -114,13 +146,14 @@ def evaluate(probs: dict[Key, np.ndarray], dialogues: list[Dialogue], labels: tu
 
 
 @torch.no_grad()
-def predict_table(pred: MLLMPredictor, dialogues: list[Dialogue], split: str, keys: set[Key] | None = None):
+def predict_table(pred: MLLMPredictor, dialogues: list[Dialogue], split: str, keys: set[Key] | None = None,
+                  references: dict[Key, np.ndarray] | None = None):
     """A prediction table (vanilla's contract: no gold columns; label order in metadata ``emotion_labels``)."""
     import json
 
     import pyarrow as pa
 
-    probs = pred.predict(dialogues, keys)
+    probs = pred.predict(dialogues, keys, references=references)
     rows = [{"dialogue_id": d.dialogue_id, "turn": int(r["turn"]), "speaker": r["speaker"], "text": r["text"], "split": split,
              "emotion_probs": [float(x) for x in probs[(d.dialogue_id, int(r["turn"]))]],
              "emotion_pred": pred.labels[int(probs[(d.dialogue_id, int(r["turn"]))].argmax())]}

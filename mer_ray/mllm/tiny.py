@@ -20,8 +20,14 @@ CORPUS = [
 ]
 
 
-def build_tiny_lm(out: str | Path, family: str = "gemma3", hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """Write a random tiny ``family`` (``gemma3`` or ``llama``) causal LM and its tokenizer to ``out``."""
+def build_tiny_lm(out: str | Path, family: str = "gemma3", hidden: int = 32, layers: int = 2, seed: int = 0,
+                  single_token_words: tuple[str, ...] = ()) -> Path:
+    """Write a random tiny ``family`` (``gemma3`` or ``llama``) causal LM and its tokenizer to ``out``.
+
+    Args:
+        single_token_words: words that become one token each with a leading space (``" joy"``), as the label
+            set is for Gemma and SmolLM2; template ``farcer-dialogue-v1`` needs that.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -34,6 +40,10 @@ def build_tiny_lm(out: str | Path, family: str = "gemma3", hidden: int = 32, lay
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(CORPUS, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    if single_token_words:
+        from tokenizers import AddedToken
+
+        tok.add_tokens([AddedToken(" " + w, normalized=False) for w in single_token_words])
     tok.save_pretrained(out)
     torch.manual_seed(seed)
     common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,

@@ -12,6 +12,7 @@ JSON, reloadable without Ray or DeepSpeed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -36,11 +37,30 @@ def make_examples(cfg: FinetuneConfig, split: str):
     train = load_dialogues(cfg.data, cfg.data.train_split, mods)
     dialogues = train if split == cfg.data.train_split else load_dialogues(cfg.data, split, mods)
     shots = sample_shots(train, cfg.prompt.n_shots, cfg.prompt.shot_seed, labels)
+    weights = class_weights(train, labels) if cfg.train.class_weights == "balanced" else {lab: 1.0 for lab in labels}
     examples = []
     for d in dialogues:
         past = [r.get("label") for r in d.rows]
         examples += [build_example(d, i, cfg.prompt, labels, shots, past) for i in range(len(d.rows))]
-    return examples, dialogues, shots, class_weights(train, labels)
+    return examples, dialogues, shots, weights
+
+
+def make_segments(cfg: FinetuneConfig, split: str, tokenizer):
+    """``(segments, encoder, class weights)`` of ``split`` for template ``farcer-dialogue-v1`` (gold labels only
+    as training targets, never in the sequence)."""
+    from mer_ray.mllm.dialogue import DialogueEncoder, read_references
+
+    labels = model_labels(cfg)
+    mods = {m: p.feature for m, p in cfg.model.projectors.items()}
+    dialogues = load_dialogues(cfg.data, split, mods)
+    weights = class_weights(dialogues, labels) if cfg.train.class_weights == "balanced" else {lab: 1.0 for lab in labels}
+    if cfg.prompt.references and split not in cfg.data.references:
+        raise ValueError(f"prompt.references is on: give data.references.{split} (for train: cross-fitted vanilla predictions, "
+                         f"e.g. --set data.references.{split}=runs/ensemble_meld/references/train_references.parquet)")
+    refs = read_references(cfg.data.references[split], labels) if cfg.prompt.references else None
+    enc = DialogueEncoder(tokenizer, labels, cfg.prompt, weights)
+    segments = [s for d in dialogues for s in enc.segments(d, refs, train=True)]
+    return segments, enc, weights
 
 
 def set_phase_lrs(optimizer, cfg: FinetuneConfig, step: int, names: list[str]) -> int:
@@ -120,9 +140,13 @@ def setup_training(cfg: FinetuneConfig, world: int) -> TrainingSetup:
         cfg.model.lora = None
     model, tok = build_mllm(cfg.model)
     set_trainable(model)
-    examples, _, shots, weights = make_examples(cfg, cfg.data.train_split)
     labels = model_labels(cfg)
-    collate = Collator(tok, labels, weights, cfg.prompt.max_tokens, reasoning_weight=cfg.prompt.reasoning_weight)
+    if cfg.prompt.template == "farcer-dialogue-v1":
+        examples, collate, weights = make_segments(cfg, cfg.data.train_split, tok)
+        shots = []
+    else:
+        examples, _, shots, weights = make_examples(cfg, cfg.data.train_split)
+        collate = Collator(tok, labels, weights, cfg.prompt.max_tokens, reasoning_weight=cfg.prompt.reasoning_weight)
     groups = trainable_groups(model)
     names = list(groups)
     params = [{"params": groups[n], "lr": cfg.train.projector_lr if n == "projector" else cfg.train.lr,
@@ -153,10 +177,14 @@ def train_loop_per_worker(config: dict) -> None:
             prog = json.loads((Path(d) / "progress.json").read_text())
             start, done_s = prog["step"], prog["train_seconds"]
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
+    per_step = cfg.train.micro_batch * cfg.train.grad_accum * world
+    max_steps = math.ceil(cfg.train.epochs * len(examples) / per_step) if cfg.train.epochs else cfg.train.max_steps
     startup_s = time.time() - t0
-    t_train = time.time()
+    t_train = last_ckpt = time.time()
     step, stop = start, False
-    while step < cfg.train.max_steps and not stop:
+    if rank == 0:
+        print(f"[finetune] {len(examples)} training examples, {max_steps} steps of {per_step}; resuming at step {start}", flush=True)
+    while step < max_steps and not stop:
         phase = set_phase_lrs(optimizer, cfg, step, names)
         batches = [collate(mb, train=True) for mb in micro_batches(examples, order, step, cfg.train.micro_batch, cfg.train.grad_accum, rank, world)]
         t_step = time.time()
@@ -165,15 +193,22 @@ def train_loop_per_worker(config: dict) -> None:
         step += 1
         elapsed = done_s + time.time() - t_train
         stop = _agree(cfg.train.time_budget_min is not None and elapsed > 60 * cfg.train.time_budget_min, engine.device)
-        metrics = {"step": step, "loss": loss, "phase": phase, "train_seconds": elapsed, "startup_seconds": startup_s,
-                   "resumed_from": start, "epoch": step * cfg.train.micro_batch * cfg.train.grad_accum * world / len(examples)}
-        last = step >= cfg.train.max_steps or stop
+        metrics = {"step": step, "max_steps": max_steps, "loss": loss, "phase": phase, "train_seconds": elapsed,
+                   "startup_seconds": startup_s, "resumed_from": start, "epoch": step * per_step / len(examples)}
+        last = step >= max_steps or stop
+        every_min = cfg.train.checkpoint_every_min
+        due = step % cfg.train.checkpoint_every == 0 or _agree(every_min is not None and time.time() - last_ckpt > 60 * every_min, engine.device)
         if last:
             _report_final(engine, model, cfg, metrics, shots, weights, labels, rank)
-        elif step % cfg.train.checkpoint_every == 0:
+        elif due:
             _report_checkpoint(engine, metrics, rank)
+            last_ckpt = time.time()
         else:
             ray.train.report(metrics)
+        if rank == 0 and (step % 10 == 0 or last or due):  # a line a person can read, beside Ray's own log
+            eta = (time.time() - t_train) / max(1, step - start) * (max_steps - step)
+            print(f"[finetune] step {step}/{max_steps} epoch {metrics['epoch']:.2f} loss {loss:.4f} "
+                  f"{elapsed / 60:.1f} min trained, ~{eta / 60:.1f} min left{' (checkpoint)' if due and not last else ''}", flush=True)
         if cfg.train.pid_file and rank == 0:  # lets the fault-tolerance test find (and kill) a live worker
             Path(cfg.train.pid_file).write_text(json.dumps({"pid": os.getpid(), "step": step}))
 
@@ -223,7 +258,7 @@ def artifact_meta(cfg: FinetuneConfig, shots, weights, labels, metrics: dict | N
     """The JSON written beside the adapter: what is needed to rebuild prompts and label scoring."""
     return {
         "format": "mer-mllm/1",
-        "template_version": TEMPLATE_VERSION,
+        "template_version": cfg.prompt.template if cfg.prompt.template != "farcer-v1" else TEMPLATE_VERSION,
         "base_model": cfg.model.base,
         "label_set": cfg.model.label_set,
         "labels": list(labels),

@@ -17,13 +17,15 @@ YAMLS = sorted(p.relative_to(REPO).as_posix() for d in ("jobs", "serve") for p i
 
 
 def _mer_classes() -> dict[str, type]:
+    from mer_ray.ensemble.config import EnsembleConfig
     from mer_ray.lantern.config import FuseConfig, PromptJobConfig
     from mer_ray.mllm.config import FinetuneConfig
     from mer_ray.serve.config import ServeConfig
     from mer_ray.vanilla.recipe import PipelineConfig
 
     return {"lantern prompt": PromptJobConfig, "lantern fuse": FuseConfig, "finetune": FinetuneConfig,
-            "pipeline": PipelineConfig, "train": PipelineConfig, "serve": ServeConfig, "bench serve": ServeConfig}
+            "pipeline": PipelineConfig, "train": PipelineConfig, "serve": ServeConfig, "bench serve": ServeConfig,
+            "ensemble": EnsembleConfig}
 
 
 def _command(rel: str) -> list[str]:

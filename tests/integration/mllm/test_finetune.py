@@ -246,3 +246,52 @@ def test_ray_job_submit_cpu_config_then_predict(meld_dir, tmp_path):
     assert probs.shape == (t.num_rows, 7) and t.num_rows > 0
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-4)  # float32 softmax rows, stored as float32: < 1e-6
     assert (probs >= 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_dialogue_template_trains_checkpoints_by_time_and_a_rerun_resumes_after_the_driver_died(ray_local, meld_dir, tmp_path):
+    """farcer-dialogue-v1 on Ray Train: checkpoints at least every `checkpoint_every_min`; a first run whose worker is
+    killed with no retries left fails; the same command again (same run name) resumes from its last checkpoint."""
+    from mer_ray.config import load
+    from mer_ray.mllm.config import FinetuneConfig
+    from mer_ray.mllm.predict import MLLMPredictor
+    from mer_ray.mllm.tiny import build_tiny_lm
+    from mer_ray.mllm.train import run_finetune
+
+    labels = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
+    base = build_tiny_lm(tmp_path / "tiny", "gemma3", single_token_words=labels)
+    pid_file = tmp_path / "pid.json"
+    sets = [f"model.base={base}", f"data.meld_dir={meld_dir}", "data.max_dialogues={train: 8}",  # epochs: 1 -> 8 steps
+            "train.checkpoint_every=1000", "train.checkpoint_every_min=0.004", "train.min_step_seconds=0.5",
+            "train.warmup_steps=0", "train.grad_accum=1", f"train.pid_file={pid_file}", "ray.max_failures=0", "ray.cpus_per_worker=1",
+            "ray.name=dialogue_resume", f"ray.storage_path={tmp_path / 'ray_results'}", f"out={tmp_path / 'out'}"]
+    cfg = load(FinetuneConfig, REPO / "jobs" / "finetune_farcer_meld.yaml", sets)
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                info = json.loads(pid_file.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                time.sleep(0.05)
+                continue
+            if info["step"] >= 4:
+                os.kill(info["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    with pytest.raises(Exception):  # noqa: B017 - Ray Train's error type differs across versions; what matters is the rerun
+        run_finetune(cfg)
+    th.join(timeout=1)
+    pid_file.unlink()
+    summary = run_finetune(load(FinetuneConfig, REPO / "jobs" / "finetune_farcer_meld.yaml", [x for x in sets if not x.startswith("train.pid_file")]))
+    m = summary["metrics"]
+    assert m["step"] == 8 and m["final"]
+    assert 3 <= m["resumed_from"] <= 5, m  # from the time-based checkpoint before the kill, not from scratch
+    pred = MLLMPredictor.from_dir(tmp_path / "out")
+    assert pred.prompt.template == "farcer-dialogue-v1"
+    out = pred.predict_dialogue([{"speaker": "A", "text": "so what"}, {"speaker": "B", "text": "okay"}])
+    assert out["emotion_probs"].shape == (2, 7) and np.allclose(out["emotion_probs"].sum(1), 1, atol=1e-5)

@@ -1,0 +1,1 @@
+"""The MELD ensemble: every member on dev and test, cross-fitted fusion, bootstrap report (`mer ensemble`)."""

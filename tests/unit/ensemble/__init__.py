@@ -1,0 +1,1 @@
+"""Tests of mer_ray/ensemble (no Ray)."""
