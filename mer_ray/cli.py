@@ -26,7 +26,7 @@ app = typer.Typer(help="mer-ray: multimodal emotion recognition in conversations
 predict = typer.Typer(help="Write per-utterance probability distributions.", no_args_is_help=True)
 for area in (features, vanilla, mllm, ensemble, serve, demo):
     app.add_typer(area.app)  # an unnamed sub-app: its commands are top-level (mer extract, mer train, ...)
-for area in (vanilla, mllm):
+for area in (vanilla, mllm, ensemble):
     predict.add_typer(area.predict_app)
 app.add_typer(predict, name="predict")
 app.add_typer(lantern.app, name="lantern")

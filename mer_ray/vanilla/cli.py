@@ -85,24 +85,67 @@ def eval_(
     out: Path = typer.Option(..., help="report directory (report.json, report.md, PNGs)"),
     dataset: str = typer.Option("meld", help="meld or manifest"),
     split: str = typer.Option("test", help="the split the predictions cover"),
+    label_map: Path | None = typer.Option(None, help="YAML {target_label: [model labels...]}: score on the targets "
+                                                      "(predictions in model labels are summed and renormalised)"),
 ) -> None:
-    """Weighted F1, accuracy, macro F1, per-class F1, UAR/WAR, confusion matrix; seeds -> mean ± std."""
+    """Weighted F1, accuracy, macro F1, per-class F1, UAR/WAR, confusion matrix; seeds -> mean ± std.
+    Rows whose gold label is empty are context, not scored: they are skipped and counted."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from mer_ray.eval.report import build_report, evaluate_predictions
 
-    gold = _gold_table(dataset, data)
+    if dataset == "manifest":  # another corpus may have no split column: then it is one split
+        from mer_ray.data.loaders import load_manifest
+
+        gold = load_manifest(data)
+    else:
+        gold = _gold_table(dataset, data)
     if "split" in gold.column_names:
         gold = gold.filter(pc.equal(gold.column("split"), split))
-    per_seed = {}
+    unlabelled = {k for k, g in zip(zip(gold["dialogue_id"].to_pylist(), gold["turn"].to_pylist()),
+                                    gold["label"].to_pylist()) if g in (None, "")}
+    lmap = None
+    if label_map is not None:
+        from mer_ray.data.labelmap import read_label_map
+
+        lmap = read_label_map(label_map)
+        bad = sorted({g for g in gold["label"].to_pylist() if g not in (None, "")} - set(lmap.targets))
+        if bad:
+            raise typer.BadParameter(f"gold labels {bad} of {data} are not keys of {label_map}", param_hint="--label-map")
+    per_seed, skipped = {}, 0
     for i, p in enumerate(predictions):
         seed = json.loads((pq.read_schema(p).metadata or {}).get(b"seed", b"null")) if p.exists() else None
-        per_seed[seed if isinstance(seed, int) and seed not in per_seed else 1000 + i] = {split: evaluate_predictions(p, gold)}
-    report = build_report(per_seed, out, extra={"predictions": [str(p) for p in predictions]})
+        table, skipped = _scored_rows(pq.read_table(p), split, unlabelled, lmap)
+        per_seed[seed if isinstance(seed, int) and seed not in per_seed else 1000 + i] = {split: evaluate_predictions(table, gold)}
+    report = build_report(per_seed, out, extra={"predictions": [str(p) for p in predictions], "unlabelled_skipped": skipped,
+                                                "label_map": str(label_map) if label_map else None})
     r = report[split]
     typer.echo(f"{split}: weighted F1 {r['weighted_f1']:.2f} ± {r['weighted_f1_std']:.2f}, accuracy {r['accuracy']:.2f}, "
-               f"macro F1 {r['macro_f1']:.2f} over {len(per_seed)} seed(s); report in {out / 'report.md'}")
+               f"macro F1 {r['macro_f1']:.2f} over {len(per_seed)} seed(s), {r['n']} scored rows, "
+               f"{skipped} unlabelled rows skipped; report in {out / 'report.md'}")
+
+
+def _scored_rows(table, split: str, unlabelled: set, lmap):
+    """The prediction rows ``mer eval`` scores (``split``'s, unlabelled gold rows left out, mapped by ``lmap``)
+    and how many unlabelled rows were left out."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "split" in table.column_names and split in set(table["split"].to_pylist()):
+        table = table.filter(pc.equal(table["split"], split))
+    keys = list(zip(table["dialogue_id"].to_pylist(), table["turn"].to_pylist()))
+    keep = [k not in unlabelled for k in keys]
+    meta = dict(table.schema.metadata or {})
+    table = table.filter(pa.array(keep))
+    labels = json.loads(meta[b"emotion_labels"])
+    if lmap is not None and labels != list(lmap.targets):  # already mapped (mer predict ensemble --label-map): as is
+        probs = lmap.apply(np.asarray(table["emotion_probs"].to_pylist(), dtype=np.float64), labels)
+        table = table.set_column(table.schema.get_field_index("emotion_pred"), "emotion_pred",
+                                 pa.array([lmap.targets[j] for j in probs.argmax(1)], pa.string()))
+        meta[b"emotion_labels"] = json.dumps(list(lmap.targets)).encode()
+    return table.replace_schema_metadata(meta), len(keep) - sum(keep)
 
 
 @app.command("pipeline")
