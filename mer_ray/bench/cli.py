@@ -93,3 +93,24 @@ def bench_serve_cmd(
                     overrides=set_)
     typer.echo(json.dumps({k: res[k] for k in ("errors", "serve_over_inprocess", "p99_over_p50")}, indent=1))
     typer.echo(f"wrote {out}")
+
+
+@app.command("serve-check")
+def bench_serve_check_cmd(
+    models: str = typer.Option(..., "--models", help="The `mer ensemble` run directory to serve (e.g. runs/ensemble_meld)."),
+    predictions: Path = typer.Option(..., "--predictions", help="The run's measured test_predictions.parquet."),
+    meld_dir: Path = typer.Option(..., "--meld-dir", help="MELD directory (its test_sent_emo.csv gives the dialogues)."),
+    n: int = typer.Option(20, "--n", help="Test dialogues to post (spread evenly over the dialogue ids)."),
+    out: Path = typer.Option(..., "--out", help="JSON file to write."),
+    config: str | None = typer.Option(None, "--config", help="Serve YAML (default serve/ensemble.yaml)."),
+    url: str | None = typer.Option(None, "--url", help="A service already up (default: start mer serve here)."),
+    port: int = typer.Option(8012, help="HTTP port on 127.0.0.1 of the service started here."),
+    num_cpus: float | None = typer.Option(None, help="CPUs of the local Ray instance (default: all)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key of the app's args, e.g. --set torch_threads=2."),
+):
+    """Post MELD test dialogues to the served ensemble; largest |delta probs| against the measured predictions (JSON)."""
+    from mer_ray.bench.serve_check import run_check
+
+    res = run_check(models, predictions, meld_dir, n, out, config, port, url, num_cpus, overrides=set_)
+    typer.echo(json.dumps({k: res[k] for k in ("n_dialogues", "max_abs_diff", "goal", "pass")}, indent=1))
+    typer.echo(f"wrote {out}")

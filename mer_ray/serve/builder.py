@@ -13,7 +13,8 @@ from pathlib import Path
 from mer_ray.config import load
 from mer_ray.serve.config import ServeConfig
 
-DEPLOYMENTS = ("Ingress", "Featurizer", "Vanilla", "LLMRefiner", "Fusion", "MLLM")
+#: ``FinetunedLLM`` options apply to every fine-tuned member of an ``mer ensemble`` run (``FinetunedLLM_<member>``).
+DEPLOYMENTS = ("Ingress", "Featurizer", "Vanilla", "LLMRefiner", "Fusion", "MLLM", "FinetunedLLM", "EnsembleFusion")
 _OPTION_KEYS = {"num_replicas", "autoscaling_config", "ray_actor_options", "max_ongoing_requests", "max_queued_requests",
                 "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", "health_check_period_s",
                 "health_check_timeout_s", "user_config"}
@@ -23,9 +24,12 @@ def check_models(cfg: ServeConfig) -> list[str]:
     """What the config needs from the models dir and is missing (empty: all there)."""
     from mer_ray.lantern.artifacts import META_FILE as FUSION_META
     from mer_ray.mllm.artifacts import META_FILE as MLLM_META
+    from mer_ray.serve.ensemble_run import check_run, is_ensemble_run
     from mer_ray.vanilla.artifacts import META_FILE as VANILLA_META
 
     root = cfg.models_path
+    if is_ensemble_run(root):
+        return check_run(root, cfg.llm.enabled)
     need = [("vanilla", VANILLA_META)]
     if cfg.llm.enabled:
         need.append(("fusion", FUSION_META))
@@ -45,6 +49,10 @@ MAKERS = {
     "fusion": "mer lantern fuse ... --out RUN (writes RUN/fusion/), or mer demo; or serve with --no-llm",
     "mllm": "mer finetune --config jobs/finetune_cpu.yaml (copy its out/ to <models>/mllm), or use_mllm: false",
 }
+#: What makes (or resumes) an ``mer ensemble`` run directory.
+ENSEMBLE_MAKER = ("mer ensemble --config jobs/ensemble_meld.yaml --set data_dir=DIR --set out=RUN (resumes what is "
+                  "missing: RUN/vanilla/models/vanilla/seed*, RUN/lantern/job.json, RUN/farcer, RUN/lantern_farcer, "
+                  "RUN/report/fusion); or serve with --no-llm for the vanilla seed average")
 
 
 def require_models(cfg: ServeConfig) -> None:
@@ -53,7 +61,15 @@ def require_models(cfg: ServeConfig) -> None:
     Nothing is trained here: a server that trained a stand-in model behind its user's back would
     answer real dialogues with near-uniform probabilities and never say so.
     """
+    from mer_ray.serve.ensemble_run import is_ensemble_run
+
     missing = check_models(cfg)
+    if missing and is_ensemble_run(cfg.models_path):
+        raise MissingModelsError(f"models dir {cfg.models_dir!r} is an `mer ensemble` run lacking {missing}. "
+                                 f"Make them with: {ENSEMBLE_MAKER}.")
+    if is_ensemble_run(cfg.models_path) and cfg.use_mllm:
+        raise ValueError(f"{cfg.models_dir}: an `mer ensemble` run serves its own fine-tuned members (its fusion "
+                         "config lists them); set use_mllm: false")
     if missing:
         how = "; ".join(f"{d}/: {MAKERS[d]}" for d in MAKERS if any(f"/{d}/" in m for m in missing))
         raise MissingModelsError(f"models dir {cfg.models_dir!r} lacks {missing}. Make them with: {how}. "
@@ -62,6 +78,8 @@ def require_models(cfg: ServeConfig) -> None:
 
 def build_app(cfg: ServeConfig | dict | None = None, options: dict[str, dict] | None = None):
     """The bound application: Ingress -> Featurizer, Vanilla, [LLMRefiner, Fusion], [MLLM].
+
+    An ``mer ensemble`` run directory gets its own graph (:func:`_ensemble_app`).
 
     Args:
         cfg: the app config (models dir is made absolute here, so replicas find it from any cwd).
@@ -73,7 +91,7 @@ def build_app(cfg: ServeConfig | dict | None = None, options: dict[str, dict] | 
     cfg = load(ServeConfig, cfg)
     cfg = cfg.model_copy(update={"models_dir": str(cfg.models_path.resolve())})
     options = options or {}
-    bad = sorted(set(options) - set(DEPLOYMENTS))
+    bad = sorted(n for n in set(options) - set(DEPLOYMENTS) if not n.startswith("FinetunedLLM_"))
     if bad:
         raise ValueError(f"unknown deployment names {bad}; known: {list(DEPLOYMENTS)}")
 
@@ -82,6 +100,10 @@ def build_app(cfg: ServeConfig | dict | None = None, options: dict[str, dict] | 
 
     th, md = cfg.torch_threads, cfg.models_dir
     feat = opt(Featurizer).bind(th)
+    from mer_ray.serve.ensemble_run import is_ensemble_run
+
+    if is_ensemble_run(md):
+        return _ensemble_app(cfg, opt, options, feat)
     van = opt(Vanilla).bind(md, th)
     ref = fus = mllm = None
     if cfg.llm.enabled:
@@ -90,6 +112,29 @@ def build_app(cfg: ServeConfig | dict | None = None, options: dict[str, dict] | 
     if cfg.use_mllm:
         mllm = opt(MLLM).bind(md, th)
     return opt(Ingress).bind(cfg.model_dump(), feat, van, ref, fus, mllm)
+
+
+def _ensemble_app(cfg: ServeConfig, opt, options: dict[str, dict], feat):
+    """An ``mer ensemble`` run: Ingress -> Featurizer, Vanilla (seed mean), [LLMRefiner, FinetunedLLM_<m>..., EnsembleFusion].
+
+    The LLM deployments are bound only when the fitted fusion reads them (a fusion that selected the vanilla
+    average needs none); each fine-tuned member is its own deployment, scaled and placed on its own.
+    """
+    from mer_ray.serve.deployments import EnsembleFusion, FinetunedLLM, LLMRefiner, Vanilla
+    from mer_ray.serve.ensemble_run import fusion_config, uses_llm
+    from mer_ray.serve.ingress import Ingress
+
+    th, md = cfg.torch_threads, cfg.models_dir
+    van = opt(Vanilla).bind(md, th)
+    fcfg = fusion_config(md)
+    ref = members = fus = None
+    if cfg.llm.enabled and uses_llm(fcfg):
+        if fcfg.get("lantern"):
+            ref = opt(LLMRefiner).bind(md, cfg.llm.model_dump(), cfg.llm.n_threads)
+        members = {m: opt(FinetunedLLM).options(name=f"FinetunedLLM_{m}", **options.get(f"FinetunedLLM_{m}", {})).bind(md, m, th)
+                   for m in fcfg.get("members") or []}
+        fus = opt(EnsembleFusion).bind(md, th)
+    return opt(Ingress).bind(cfg.model_dump(), feat, van, ref, None, None, members, fus)
 
 
 def app_builder(args: dict):

@@ -14,7 +14,8 @@ def serve_cmd(
     models: str | None = typer.Option(
         None,
         "--models",
-        help="Models dir with vanilla/, fusion/ (and mllm/); default: the config's models_dir. "
+        help="Models dir with vanilla/, fusion/ (and mllm/), or an `mer ensemble` run dir (served as measured); "
+        "default: the config's models_dir. "
         "Nothing is trained here: a missing model exits 1 and names the command that makes it.",
     ),
     config: Path | None = typer.Option(None, "--config", help="Serve application YAML (default serve/mer.yaml)."),

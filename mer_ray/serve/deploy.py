@@ -77,7 +77,8 @@ def serve_local(config: str | Path | None = None, models_dir: str | None = None,
     cfg, options, app = resolve(config, [("models_dir", models_dir), ("api_key_env", api_key_env), *(overrides or [])])
     if no_llm:
         cfg = cfg.model_copy(update={"llm": cfg.llm.model_copy(update={"enabled": False})})
-        options = {k: v for k, v in options.items() if k not in ("LLMRefiner", "Fusion")}
+        llm_parts = ("LLMRefiner", "Fusion", "EnsembleFusion")
+        options = {k: v for k, v in options.items() if k not in llm_parts and not k.startswith("FinetunedLLM")}
     if not cfg.use_mllm:
         options.pop("MLLM", None)
     require_models(cfg)  # before Ray starts: a missing model fails at once

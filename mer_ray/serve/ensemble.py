@@ -68,17 +68,47 @@ class Ensemble:
     fuse: Member | None = None
     mllm: Member | None = None
     mllm_weight: float = 0.5
+    members: dict[str, Member] | None = None
+    """An ``mer ensemble`` run's fine-tuned LLM members: ``(rows, vanilla mean [n, C]) -> [n, C]``, by name."""
+    ensemble_fuse: Member | None = None
+    """That run's fitted fusion: ``(seeds, members, refiner detail or None) -> [n, C]``; set: the run's layout."""
     _label_set: str | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def local(cls, featurizer, vanilla, refiner=None, fusion=None, mllm=None, mllm_weight: float = 0.5) -> Ensemble:
+    def local(cls, featurizer, vanilla, refiner=None, fusion=None, mllm=None, mllm_weight: float = 0.5,
+              members: dict | None = None, ensemble_fusion=None) -> Ensemble:
         """Wrap plain member objects (no Ray): each call runs in a worker thread."""
 
         def th(fn):
             return None if fn is None else (lambda *a: asyncio.to_thread(fn, *a))
 
+        llms = None if members is None else {name: th(m.predict) for name, m in members.items()}
         return cls(th(featurizer.featurize), th(vanilla.predict), th(vanilla.label_set_name),
-                   th(refiner and refiner.refine), th(fusion and fusion.fuse), th(mllm and mllm.predict), mllm_weight)
+                   th(refiner and refiner.refine), th(fusion and fusion.fuse), th(mllm and mllm.predict), mllm_weight,
+                   llms, th(ensemble_fusion and ensemble_fusion.fuse))
+
+    @property
+    def has_llm(self) -> bool:
+        """Whether ``use_llm`` changes anything: a refiner, or an ensemble run's fusion over LLM members."""
+        return self.refine is not None or self.ensemble_fuse is not None
+
+    async def _ensemble_run(self, rows: list[dict], van_out: dict, targets: list[int], timing: dict) -> tuple:
+        """An ``mer ensemble`` run: refiner and fine-tuned members in parallel, then the fitted fusion.
+
+        The refiner prompts with the seed the Lantern job prompted from; the members read the seed mean.
+        """
+        t = time.perf_counter()
+        jobs = {name: m(rows, van_out["emotion_probs"]) for name, m in (self.members or {}).items()}
+        if self.refine is not None:
+            jobs[""] = self.refine(rows, van_out["lantern_reference"], targets)
+        done = dict(zip(jobs, await asyncio.gather(*jobs.values())))
+        timing["llm"] = (time.perf_counter() - t) * 1e3
+        ref = done.pop("", None)
+        t = time.perf_counter()
+        fused = np.asarray(await self.ensemble_fuse(van_out["seeds"], done, ref and ref["detail"]), dtype=np.float64)
+        timing["fusion"] = (time.perf_counter() - t) * 1e3
+        n = len(rows)
+        return fused, (ref["llm"] if ref else [None] * n), (ref["fields"] if ref else [[] for _ in range(n)])
 
     async def model_label_set(self) -> str:
         """The label set the models predict. Fixed for a deployment's lifetime, so asked once (a failed first call
@@ -101,7 +131,10 @@ class Ensemble:
         timing["vanilla"] = (time.perf_counter() - t) * 1e3
         fused, llm, fields = van, [None] * n, [[] for _ in range(n)]
         jobs = {}
-        if use_llm and self.refine is not None:
+        if self.ensemble_fuse is not None:  # an `mer ensemble` run: its own fusion; without the LLM, the seed mean
+            if use_llm:
+                fused, llm, fields = await self._ensemble_run(rows, van_out, targets, timing)
+        elif use_llm and self.refine is not None:
             jobs["llm"] = self.refine(rows, van_out, targets)
         if self.mllm is not None:
             jobs["mllm"] = self.mllm(rows)

@@ -44,7 +44,8 @@ class _Store:
 class Ingress:
     """Routes; the members are ``DeploymentHandle``s bound by :func:`mer_ray.serve.builder.build_app`."""
 
-    def __init__(self, cfg: dict, featurizer, vanilla, refiner=None, fusion=None, mllm=None):
+    def __init__(self, cfg: dict, featurizer, vanilla, refiner=None, fusion=None, mllm=None, members: dict | None = None,
+                 ensemble_fusion=None):
         self.cfg = ServeConfig.model_validate(cfg)
         self.api_key = None
         if self.cfg.api_key_env:
@@ -53,7 +54,9 @@ class Ingress:
                 raise RuntimeError(f"api_key_env is {self.cfg.api_key_env!r} but that environment variable is unset or empty")
         self.ens = Ensemble(featurizer.featurize.remote, vanilla.predict.remote, vanilla.label_set_name.remote,
                             refiner.refine.remote if refiner else None, fusion.fuse.remote if fusion else None,
-                            mllm.predict.remote if mllm else None)
+                            mllm.predict.remote if mllm else None,
+                            members=None if members is None else {m: h.predict.remote for m, h in members.items()},
+                            ensemble_fuse=ensemble_fusion.fuse.remote if ensemble_fusion else None)
         self.store = _Store(self.cfg.sessions)
 
     async def _labels(self, label_set: str | None, use_llm: bool) -> tuple[str | None, bool]:
@@ -61,7 +64,7 @@ class Ingress:
             label_map(await self.ens.model_label_set(), label_set)
         except LabelSetError as e:
             raise ApiError(422, str(e)) from None
-        return label_set, use_llm and self.ens.refine is not None
+        return label_set, use_llm and self.ens.has_llm
 
     async def _run(self, coro):
         try:
@@ -71,8 +74,8 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model_label_set": await self.ens.model_label_set(), "llm": self.ens.refine is not None,
-                "mllm": self.ens.mllm is not None}
+        return {"status": "ok", "model_label_set": await self.ens.model_label_set(), "llm": self.ens.has_llm,
+                "mllm": self.ens.mllm is not None, "ensemble_members": sorted(self.ens.members or [])}
 
     @api.get("/v1/labels", response_model=S.LabelsResponse)
     async def labels(self) -> S.LabelsResponse:

@@ -6,7 +6,8 @@ wrap them, the in-process benchmark calls them directly):
 - :class:`VanillaMember`: ``mer_ray.vanilla.predict.VanillaPredictor`` over ``<models>/vanilla``;
 - :class:`RefinerMember`: ``mer_ray.lantern.predict.LanternRefiner`` (llama.cpp or HTTP backend);
 - :class:`FusionMember`: ``mer_ray.lantern.predict.FusionPredictor`` over ``<models>/fusion``;
-- :class:`MLLMMember`: the fine-tuned multimodal LLM over ``<models>/mllm``.
+- :class:`MLLMMember`: the fine-tuned multimodal LLM over ``<models>/mllm``;
+- an ``mer ensemble`` run directory: the members of :mod:`mer_ray.serve.ensemble_run`.
 
 Shapes: ``n`` utterances, ``C`` labels (the vanilla model's label order).
 """
@@ -92,14 +93,16 @@ def refiner_settings(models_dir: str, llm: dict) -> dict:
 class RefinerMember:
     """Lantern LLM refiner: rows + vanilla outputs -> per-utterance LLM distributions and fields."""
 
-    def __init__(self, models_dir: str, llm: dict, threads: int = 1):
+    def __init__(self, models_dir: str, llm: dict, threads: int = 1, settings: dict | None = None,
+                 labels: list[str] | None = None):
+        """``settings``/``labels``: given (an ``mer ensemble`` run's prompt job), else what ``<models>/fusion`` records."""
         from mer_ray.lantern.predict import LanternRefiner
 
         _threads(threads)
-        s = refiner_settings(models_dir, llm)
-        labels = _fusion_meta(models_dir).get("labels") or VanillaMember.labels_of(models_dir)
+        s = settings or refiner_settings(models_dir, llm)
+        labels = labels or _fusion_meta(models_dir).get("labels") or VanillaMember.labels_of(models_dir)
         self.refiner = LanternRefiner.from_config(s["backend"], labels=labels, sizes=s["sizes"], stride=s["stride"],
-                                                  template=s["template"])
+                                                  template=s["template"], chat=s.get("chat", True))
         self.reuse = llm.get("reuse_prefix_across_requests", True)
         # Serve runs sync methods in a thread pool, so requests overlap; llama.cpp's context is not
         # thread-safe (overlapping calls crash the process): one request at a time per replica.
