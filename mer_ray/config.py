@@ -54,12 +54,14 @@ Overrides = Sequence["str | tuple[str, Any]"] | Mapping[str, Any]
 
 def apply_overrides(data: dict, overrides: Overrides | None) -> dict:
     """Apply overrides in order: ``"a.b=1"`` strings (value parsed as YAML, as ``--set`` gives them), or
-    ``("a.b", value)`` pairs and mappings (value as given; ``None`` is skipped: an option left unset)."""
+    ``("a.b", value)`` pairs and mappings (value as given; ``None`` is skipped: an option left unset).
+    A string's ``null`` is a value (``--set lantern=null`` turns a member off), never skipped."""
     if not overrides:
         return data
-    items = overrides.items() if isinstance(overrides, Mapping) else [_split(o) if isinstance(o, str) else o for o in overrides]
-    for k, v in items:
-        if v is not None:
+    items = overrides.items() if isinstance(overrides, Mapping) else [(*_split(o), True) if isinstance(o, str) else o for o in overrides]
+    for item in items:
+        k, v, explicit = item if len(item) == 3 else (*item, False)
+        if v is not None or explicit:
             set_dotted(data, k.strip(), v)
     return data
 

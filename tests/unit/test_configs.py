@@ -95,3 +95,11 @@ def test_dotted_overrides_reach_nested_keys_and_parse_as_yaml():
 
     cfg = load(PipelineConfig, REPO / "jobs/vanilla_meld.yaml", ["train.epochs=3", "seeds=[5, 6]", ("predict_threads", 1)])
     assert cfg.train.epochs == 3 and cfg.seeds == [5, 6] and cfg.predict_threads == 1
+
+
+def test_a_set_null_turns_a_field_off_while_an_unset_option_is_skipped():
+    from mer_ray.ensemble.config import EnsembleConfig
+
+    cfg = load(EnsembleConfig, REPO / "jobs/ensemble_meld.yaml", ["lantern_farcer=null", ("farcer", None)])
+    assert cfg.lantern_farcer is None  # the user's --set ...=null is a value
+    assert cfg.farcer == "jobs/finetune_farcer_meld.yaml"  # a CLI option left unset (None) changes nothing
