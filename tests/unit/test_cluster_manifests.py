@@ -168,7 +168,10 @@ def test_serve_yaml_validates_and_builds_against_the_app(rel):
     assert app["import_path"] == "mer_ray.serve.builder:app_builder" and callable(app_builder)
     cfg = load_config(ServeConfig, app["args"])  # unknown keys are errors
     assert set(options) <= set(DEPLOYMENTS)
-    expected = {"Ingress", "Featurizer", "Vanilla"} | ({"LLMRefiner", "Fusion"} if cfg.llm.enabled else set()) | ({"MLLM"} if cfg.use_mllm else set())
+    if "EnsembleFusion" in options:  # an `mer ensemble` run: its fusion, and one options block for every fine-tuned LLM
+        expected = {"Ingress", "Featurizer", "Vanilla", "EnsembleFusion"} | ({"LLMRefiner", "FinetunedLLM"} if cfg.llm.enabled else set())
+    else:
+        expected = {"Ingress", "Featurizer", "Vanilla"} | ({"LLMRefiner", "Fusion"} if cfg.llm.enabled else set()) | ({"MLLM"} if cfg.use_mllm else set())
     assert set(options) == expected, f"{rel}: every deployed member needs its own resources and scaling"
     for name, o in options.items():
         assert "ray_actor_options" in o and ("autoscaling_config" in o or "num_replicas" in o), name
