@@ -27,7 +27,7 @@ def build_media_set(root: Path, outside: Path) -> list[dict]:
         ("noface", dict(video="clips/noface.mp4"), "partial", "no face"),
         ("no_audio_track", dict(video="clips/silent_movie.mp4"), "partial", "no audio track"),
         ("audio_only_file", dict(video="clips/voice.m4a"), "partial", "no video stream"),
-        ("audio_only_row", dict(audio="audio/voice.wav"), "partial", "no video"),
+        ("audio_only_row", dict(audio="audio/voice.wav"), "ok", None),  # asked for audio only: nothing missing
         ("span_inside", dict(video="sessions/long.mp4", start=2.0, end=4.5), "ok", None),
         ("span_partly_outside", dict(video="sessions/long.mp4", start=6.5, end=10.0), "partial", "span outside media"),
         ("span_wholly_outside", dict(video="sessions/long.mp4", start=20.0, end=23.0), "partial", "span outside media"),

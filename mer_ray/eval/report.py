@@ -111,6 +111,32 @@ def build_report(per_seed: dict[int, dict[str, dict]], out_dir: str | Path, titl
     return report
 
 
+def probe_markdown(block: dict, splits: Sequence[str], n_seeds: int) -> list[str]:
+    """The "Linear probe" section of ``report.md``: model vs probe per split and, in bold, each loss."""
+    lines = ["", "## Linear probe (same features, single utterance, no context)", ""]
+    if "skipped" in block:
+        return lines + [f"Not computed: {block['skipped']}."]
+    flags = [f"**Warning ({s}): {block[s]['verdict']}**" for s in splits if s in block and block[s]["model_loses"]]
+    for f in flags:  # one paragraph each
+        lines += [f, ""]
+    lines += [f"scikit-learn median imputation + missing indicators, StandardScaler and LogisticRegression "
+              f"(C={block['C']:g}, chosen on {block['C_selected_on']}) on {', '.join(f'`{c}`' for c in block['columns'])}, "
+              f"trained on {block['n_train']} train rows; model: mean of {n_seeds} seed(s). Δ = model − probe, in points.", ""]
+    if block.get("empty_columns"):
+        lines += [f"Columns with no value on train, left out: {', '.join(block['empty_columns'])}.", ""]
+    lines += ["| split | | weighted F1 | accuracy | macro F1 |", "|---|---|---|---|---|"]
+    for s in splits:
+        if s in block:
+            c = block[s]
+            lines.append(f"| {s} | model | " + " | ".join(f"{c['model'][k]:.2f}" for k in ("weighted_f1", "accuracy", "macro_f1")) + " |")
+            lines.append(f"| {s} | linear probe | " + " | ".join(f"{c['probe'][k]:.2f}" for k in ("weighted_f1", "accuracy", "macro_f1")) + " |")
+            lines.append(f"| {s} | Δ | " + " | ".join(f"{c['delta'][k]:+.2f}" for k in ("weighted_f1", "accuracy", "macro_f1")) + " |")
+    for s in splits:
+        if s in block and not block[s]["model_loses"]:
+            lines += ["", block[s]["verdict"]]
+    return lines
+
+
 def to_markdown(report: dict, splits: Sequence[str]) -> str:
     """A human-readable summary of a report."""
     lines = [f"# {report['title']}", "", f"Seeds: {report['seeds']}", ""]
@@ -119,6 +145,8 @@ def to_markdown(report: dict, splits: Sequence[str]) -> str:
         r = report[s]
         cells = [f"{r[k]:.2f} ± {r[k + '_std']:.2f}" for k in HEADLINE]
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {r['n']} |")
+    if "probe" in report:
+        lines += probe_markdown(report["probe"], splits, len(report["seeds"]))
     for s in splits:
         r = report[s]
         lines += ["", f"## {s}: per seed", "", "| seed | weighted F1 | accuracy | macro F1 |", "|---|---|---|---|"]

@@ -147,8 +147,7 @@ def decode_row(root, video, audio, start, end, n_frames: int, max_width: int, ra
                             problems.append(f"no audio track: {video!r} has no audio stream")
             except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as err:
                 raise MediaError(f"unreadable media: {video!r} ({type(err).__name__}: {err})") from None
-        else:
-            problems.append("no video: audio-only row")
+        # A row that names no video asked for none: nothing is missing, so no problem (status ``ok``).
         if audio:
             apath = resolve_media(root, audio)
             try:

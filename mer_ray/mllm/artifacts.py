@@ -71,7 +71,10 @@ def load_artifacts(art_dir: str | Path, base: str | None = None) -> tuple[Multim
     hidden = lm.get_input_embeddings().weight.shape[1]
     projectors = build_projectors(cfg.projectors, hidden, embed_scale_of(lm)).to(getattr(torch, cfg.dtype))
     if cfg.projectors:
-        projectors.load_state_dict(load_file(str(art_dir / "projectors.safetensors")), strict=True)
+        missing, unexpected = projectors.load_state_dict(load_file(str(art_dir / "projectors.safetensors")), strict=False)
+        # Only a projector saved before feature scaling existed lacks its scaler (it stays the identity).
+        if unexpected or [k for k in missing if ".norm." not in k]:
+            raise ValueError(f"{art_dir}: projector weights do not fit (missing {missing}, unexpected {unexpected})")
     model = MultimodalLM(lm, projectors).eval()
     model.requires_grad_(False)
     return model, tok, meta

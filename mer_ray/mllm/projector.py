@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mer_ray.features.scaling import FeatureScaler
+
 
 @dataclass
 class ProjectorConfig:
@@ -69,6 +71,8 @@ class Projector(nn.Module):
             )
         else:
             raise ValueError(f"projector kind must be 'linear' or 'mlp', got {kind!r}")
+        # Raw features span orders of magnitude (eGeMAPS): robust z-scores fitted on train come first.
+        self.norm = FeatureScaler(in_dim)
         # A buffer, so it travels with the state dict and the artifact says what scale it was trained for.
         self.register_buffer("embed_scale", torch.tensor(float(embed_scale)), persistent=True)
         self.in_dim, self.out_dim = in_dim, out_dim
@@ -80,12 +84,13 @@ class Projector(nn.Module):
             x: ``[N, D]`` features (any float dtype; cast to the projector's).
 
         Returns:
-            ``[N, H]`` embeddings on the LLM's input-embedding scale.
+            ``[N, H]`` embeddings on the LLM's input-embedding scale (of the scaled features; the
+            scaler is the identity until statistics are set).
         """
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"projector expects features of width {self.in_dim}, got shape {tuple(x.shape)}")
         w = next(self.parameters())
-        return self.net(x.to(w.dtype)) * self.embed_scale.to(w.dtype)
+        return self.net(self.norm(x).to(w.dtype)) * self.embed_scale.to(w.dtype)
 
 
 def embed_scale_of(lm: nn.Module) -> float:

@@ -133,6 +133,26 @@ class TrainingSetup:
         return engine, optimizer
 
 
+def fit_projector_scaling(cfg: FinetuneConfig, model) -> dict[str, dict]:
+    """Fit each projector's robust feature statistics on the train split's present features (the same
+    numbers every later load applies: they are buffers in ``projectors.safetensors``)."""
+    import numpy as np
+
+    from mer_ray.features.scaling import fit_scaling
+
+    mods = {m: p.feature for m, p in cfg.model.projectors.items()}
+    if not mods:
+        return {}
+    train = load_dialogues(cfg.data, cfg.data.train_split, mods)
+    out = {}
+    for m, proj in model.projectors.items():
+        rows = [f[m] for d in train for f in d.feats if m in f]
+        x = np.stack(rows) if rows else np.zeros((0, proj.in_dim), np.float32)
+        out[m] = fit_scaling(x)
+        proj.norm.set_stats(out[m])
+    return out
+
+
 def setup_training(cfg: FinetuneConfig, world: int) -> TrainingSetup:
     """Model (projectors, LoRA per mode), training examples, collator, parameter groups, DeepSpeed config and
     the client optimizer (``torch.optim.AdamW`` unless the DeepSpeed config names its own optimizer)."""
@@ -140,6 +160,7 @@ def setup_training(cfg: FinetuneConfig, world: int) -> TrainingSetup:
         cfg.model.lora = None
     model, tok = build_mllm(cfg.model)
     set_trainable(model)
+    fit_projector_scaling(cfg, model)
     labels = model_labels(cfg)
     if cfg.prompt.template == "farcer-dialogue-v1":
         examples, collate, weights = make_segments(cfg, cfg.data.train_split, tok)
@@ -248,7 +269,8 @@ def _report_final(engine, model, cfg: FinetuneConfig, metrics: dict, shots, weig
         state = model.state_dict()
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
-            meta = artifact_meta(cfg, shots, weights, labels, metrics)
+            meta = {**artifact_meta(cfg, shots, weights, labels, metrics),
+                    "feature_scaling": {m: p.norm.stats() for m, p in model.projectors.items()}}
             save_artifacts(Path(d) / "export", state, model, meta)
             (Path(d) / "progress.json").write_text(json.dumps({"step": metrics["step"], "train_seconds": metrics["train_seconds"], "done": True}))
         ray.train.report({**metrics, "final": True}, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mer_ray.vanilla.model import MODALITY_DIMS, VanillaConfig
+from mer_ray.vanilla.model import VanillaConfig
 from mer_ray.vanilla.tokens import encode, special_ids, utterance_string
 
 
@@ -71,11 +71,12 @@ def dialogues_from_table(table: pa.Table, cfg: VanillaConfig, emotion_labels: Se
     feats = {}
     for m in cfg.modalities:
         vals = table.column(m).to_pylist()
-        arr = np.full((len(vals), MODALITY_DIMS[m]), np.nan, dtype=np.float32)
+        width = cfg.dim(m)
+        arr = np.full((len(vals), width), np.nan, dtype=np.float32)
         for i, v in enumerate(vals):
             if v is not None:
-                if len(v) != MODALITY_DIMS[m]:
-                    raise ValueError(f"{m} has {len(v)} values at dialogue {ids[i]!r} turn {turns[i]}; expected {MODALITY_DIMS[m]}")
+                if len(v) != width:
+                    raise ValueError(f"{m} has {len(v)} values at dialogue {ids[i]!r} turn {turns[i]}; expected {width}")
                 arr[i] = v
         feats[m] = arr
     tokens = encode([utterance_string(s, t) for s, t in zip(speakers, texts)], cfg.max_tokens) if cfg.encoder != "frozen" else None
@@ -125,7 +126,7 @@ def collate(dialogues: Sequence[EncodedDialogue], cfg: VanillaConfig, chunk_toke
         speaker[b, : len(d)] = torch.tensor(speaker_slots(d.speakers, cfg.max_speakers))
     batch["utt_mask"], batch["speaker"] = utt_mask, speaker
     for m in cfg.modalities:
-        x = torch.zeros(B, T, MODALITY_DIMS[m])
+        x = torch.zeros(B, T, cfg.dim(m))
         p = torch.zeros(B, T, dtype=torch.bool)
         for b, d in enumerate(dialogues):
             x[b, : len(d)] = torch.from_numpy(d.features[m])

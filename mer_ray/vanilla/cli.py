@@ -87,13 +87,20 @@ def eval_(
     split: str = typer.Option("test", help="the split the predictions cover"),
     label_map: Path | None = typer.Option(None, help="YAML {target_label: [model labels...]}: score on the targets "
                                                       "(predictions in model labels are summed and renormalised)"),
+    store: Path | None = typer.Option(None, help="feature store (Parquet dir with a `split` column and train rows): fit a linear "
+                                                 "probe on its train split (C chosen on dev) and score it on --split beside the model"),
+    features: str | None = typer.Option(None, help="comma-separated probe columns, the model's own (default: the store's model-readable "
+                                                   "feature columns, of mer_ray.eval.probe.FEATURE_COLUMNS)"),
 ) -> None:
     """Weighted F1, accuracy, macro F1, per-class F1, UAR/WAR, confusion matrix; seeds -> mean ± std.
-    Rows whose gold label is empty are context, not scored: they are skipped and counted."""
+    Rows whose gold label is empty are context, not scored: they are skipped and counted.
+    With --store, a standardised logistic regression on the same features is scored on the same rows,
+    and a model that loses to it is flagged."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from mer_ray.eval.report import build_report, evaluate_predictions
+    from mer_ray.eval.probe import summary_lines
+    from mer_ray.eval.report import build_report, evaluate_predictions, to_markdown
 
     if dataset == "manifest":  # another corpus may have no split column: then it is one split
         from mer_ray.data.loaders import load_manifest
@@ -103,6 +110,7 @@ def eval_(
         gold = _gold_table(dataset, data)
     if "split" in gold.column_names:
         gold = gold.filter(pc.equal(gold.column("split"), split))
+    store_table, probe_cols = _probe_inputs(store, features)
     unlabelled = {k for k, g in zip(zip(gold["dialogue_id"].to_pylist(), gold["turn"].to_pylist()),
                                     gold["label"].to_pylist()) if g in (None, "")}
     lmap = None
@@ -120,10 +128,65 @@ def eval_(
         per_seed[seed if isinstance(seed, int) and seed not in per_seed else 1000 + i] = {split: evaluate_predictions(table, gold)}
     report = build_report(per_seed, out, extra={"predictions": [str(p) for p in predictions], "unlabelled_skipped": skipped,
                                                 "label_map": str(label_map) if label_map else None})
+    report["probe"] = (_probe(store_table, probe_cols, report, split, gold, unlabelled, lmap) if store_table is not None else
+                       {"skipped": "no --store given; pass --store FEATURE_STORE (with train rows) to compare with a linear probe"})
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(to_markdown(report, [split]))
     r = report[split]
     typer.echo(f"{split}: weighted F1 {r['weighted_f1']:.2f} ± {r['weighted_f1_std']:.2f}, accuracy {r['accuracy']:.2f}, "
                f"macro F1 {r['macro_f1']:.2f} over {len(per_seed)} seed(s), {r['n']} scored rows, "
                f"{skipped} unlabelled rows skipped; report in {out / 'report.md'}")
+    for line in summary_lines(report["probe"], [split]):
+        typer.echo(line)
+
+
+def _probe_inputs(store: Path | None, features: str | None):
+    """The store's rows and the probe's columns (None, None without --store); bad options stop here, before any work."""
+    if store is None:
+        if features:
+            raise typer.BadParameter("--features needs --store", param_hint="--features")
+        return None, None
+    import pyarrow.dataset as ds
+
+    from mer_ray.eval.probe import FEATURE_COLUMNS, default_features
+
+    if not store.exists():
+        raise typer.BadParameter(f"{store} does not exist", param_hint="--store")
+    table = ds.dataset(str(store), format="parquet").to_table()
+    if "label" not in table.column_names:
+        raise typer.BadParameter(f"{store} has no `label` column to train the probe on", param_hint="--store")
+    if "split" not in table.column_names or "train" not in set(table["split"].to_pylist()):
+        raise typer.BadParameter(f"{store} has no rows with split == 'train' to fit the probe on", param_hint="--store")
+    cols = [c.strip() for c in features.split(",") if c.strip()] if features else default_features(table.column_names)
+    lacking = [c for c in cols if c not in table.column_names]
+    if lacking or not cols:
+        raise typer.BadParameter(f"{store} lacks feature columns {lacking or list(FEATURE_COLUMNS)}", param_hint="--features")
+    return table, cols
+
+
+def _probe(store_table, cols: list[str], report: dict, split: str, gold, unlabelled: set, lmap) -> dict:
+    """``report["probe"]`` for ``mer eval``: fitted on the store's train rows (C on its dev rows), scored on its
+    ``split`` rows that the model was scored on; ``{"skipped": reason}`` when it cannot run."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from mer_ray.eval.probe import fit_probe, probe_block, probe_metrics
+
+    def rows(name):
+        t = store_table.filter(pc.equal(store_table["split"], name))
+        if lmap is not None:  # a store in the model's labels trains on their targets
+            to = {src: tgt for tgt, srcs in lmap.sources.items() for src in srcs if src not in lmap.targets}
+            t = t.set_column(t.schema.get_field_index("label"), "label", pa.array([to.get(v, v) for v in t["label"].to_pylist()], pa.string()))
+        return t
+
+    try:
+        dev = rows("dev")
+        probe = fit_probe(rows("train"), cols, report[split]["labels"], dev_table=dev if dev.num_rows else None)
+        scored = rows(split)
+        scored = scored.filter(pa.array([k not in unlabelled for k in zip(scored["dialogue_id"].to_pylist(), scored["turn"].to_pylist())], pa.bool_()))
+        return probe_block(report, probe, probe_metrics(probe, {split: scored}, gold))
+    except ValueError as e:
+        return {"skipped": str(e)}
 
 
 def _scored_rows(table, split: str, unlabelled: set, lmap):
@@ -163,6 +226,7 @@ def pipeline(
     import ray
 
     from mer_ray.config import load
+    from mer_ray.eval.probe import summary_lines
     from mer_ray.runtime import start_ray
     from mer_ray.vanilla.recipe import PipelineConfig, run_pipeline
 
@@ -183,4 +247,6 @@ def pipeline(
         r = report[split]
         typer.echo(f"{split}: weighted F1 {r['weighted_f1']:.2f} ± {r['weighted_f1_std']:.2f}, accuracy {r['accuracy']:.2f} ± "
                    f"{r['accuracy_std']:.2f}, macro F1 {r['macro_f1']:.2f} ± {r['macro_f1_std']:.2f}")
+    for line in summary_lines(report.get("probe"), cfg.predict_splits):
+        typer.echo(line)
     typer.echo(f"report: {out / 'report.json'} ({out / 'report.md'}); wall {report['wall_seconds']:.0f}s")

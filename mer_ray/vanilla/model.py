@@ -20,8 +20,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-#: Frozen feature-store columns and their widths.
-MODALITY_DIMS: dict[str, int] = {"text_embedding": 384, "audio_egemaps": 88, "face_embedding": 128}
+from mer_ray.features.scaling import FeatureScaler
+
+#: Frozen feature-store columns of fixed width.
+MODALITY_DIMS: dict[str, int] = {"text_embedding": 384, "audio_egemaps": 88, "face_embedding": 128, "face_probs": 7}
+#: Frozen columns whose width is the configured encoder's (ViT, HuBERT/wav2vec2): read from the store at training.
+VARIABLE_DIMS: tuple[str, ...] = ("image_embedding", "audio_embedding")
 
 
 class VanillaConfig(BaseModel):
@@ -35,6 +39,12 @@ class VanillaConfig(BaseModel):
     modalities: list[str] = Field(default_factory=lambda: ["text_embedding"])
     """Frozen feature columns to use (``frozen``), or extra frozen columns beside the text encoder
     (``minilm``/``tiny``: list only non-text columns, or leave empty)."""
+    feature_dims: dict[str, int] = Field(default_factory=dict)
+    """Widths of ``image_embedding``/``audio_embedding`` (the encoder's hidden size); training fills
+    them from the feature store."""
+    scaling: Literal["robust", "none"] = "robust"
+    """Frozen features are standardised with train medians/IQRs and clipped at 5 (``robust``,
+    :mod:`mer_ray.features.scaling`), or fed raw (``none``: only to measure what scaling buys)."""
     hidden: int = Field(256, ge=8)
     """Width of the utterance projection and of each GRU direction."""
     context: Literal["gru", "none"] = "gru"
@@ -65,10 +75,18 @@ class VanillaConfig(BaseModel):
     @field_validator("modalities")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        bad = [m for m in v if m not in MODALITY_DIMS]
+        bad = [m for m in v if m not in MODALITY_DIMS and m not in VARIABLE_DIMS]
         if bad:
-            raise ValueError(f"unknown modality columns {bad}; known: {sorted(MODALITY_DIMS)}")
+            raise ValueError(f"unknown modality columns {bad}; known: {sorted([*MODALITY_DIMS, *VARIABLE_DIMS])}")
         return v
+
+    def dim(self, column: str) -> int:
+        """Width of a frozen feature column."""
+        if column in MODALITY_DIMS:
+            return MODALITY_DIMS[column]
+        if column not in self.feature_dims:
+            raise ValueError(f"the width of {column!r} is not known: set model.feature_dims.{column} (training reads it from the store)")
+        return self.feature_dims[column]
 
 
 class MeanPooledEncoder(nn.Module):
@@ -96,7 +114,9 @@ class VanillaModel(nn.Module):
             raise ValueError(f"encoder={cfg.encoder!r} needs text_encoder {'None' if cfg.encoder == 'frozen' else 'given'}")
         h = cfg.hidden
         # One projection per input; a missing modality is a learned vector, never zeros taken as data.
-        self.proj = nn.ModuleDict({m: nn.Linear(MODALITY_DIMS[m], h) for m in cfg.modalities})
+        # Each input is scaled first (statistics fitted on train, saved with the weights).
+        self.scalers = nn.ModuleDict({m: FeatureScaler(cfg.dim(m)) for m in cfg.modalities})
+        self.proj = nn.ModuleDict({m: nn.Linear(cfg.dim(m), h) for m in cfg.modalities})
         self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(h)) for m in cfg.modalities})
         if text_encoder is not None:
             self.text_proj = nn.Linear(text_encoder.dim, h)
@@ -110,13 +130,21 @@ class VanillaModel(nn.Module):
         self.sentiment_head = nn.Linear(out, cfg.n_sentiments) if cfg.n_sentiments else None
         self.vad_head = nn.Linear(out, 3) if cfg.vad else None
 
+    def set_scaling(self, stats: dict[str, dict]) -> None:
+        """Load per-column statistics (``{column: fit_scaling(...)}``) into the scalers."""
+        for m, scaler in self.scalers.items():
+            if m not in stats:
+                raise ValueError(f"no scaling statistics for {m!r} (have {sorted(stats)})")
+            scaler.set_stats(stats[m])
+
     def utterance_vectors(self, batch: dict) -> torch.Tensor:
         """Per-turn vectors [B, T, H] from frozen columns and/or the text encoder."""
         utt_mask = batch["utt_mask"]
         x = torch.zeros(*utt_mask.shape, self.cfg.hidden, dtype=torch.float32, device=utt_mask.device)
         for m in self.cfg.modalities:
             present = batch[f"{m}_mask"].unsqueeze(-1)  # [B, T, 1]
-            x = x + torch.where(present, self.proj[m](batch[m]), self.missing[m].expand_as(x))
+            v = batch[m] if self.cfg.scaling == "none" else self.scalers[m](batch[m])
+            x = x + torch.where(present, self.proj[m](v), self.missing[m].expand_as(x))
         if self.text_encoder is not None:
             # Utterances arrive as length-sorted chunks; scatter them back to [N, dim] in row-major order.
             n = int(utt_mask.sum())

@@ -6,7 +6,9 @@ Steps, each timed into ``report.json["step_seconds"]``:
 2. ``extract``: the Ray Data feature pipeline (``mer_ray.features.job.run_extract``);
 3. ``train``: one Ray Train run per seed; each seed's epoch is selected on dev;
 4. ``predict``: predictions Parquet per seed and split, from inputs with gold stripped;
-5. ``eval``: metrics per seed, mean ± std, plots; test is scored once, here.
+5. ``eval``: metrics per seed, mean ± std, plots; test is scored once, here;
+6. ``probe``: a standardised logistic regression on the same store, train split and feature
+   columns (``mer_ray.eval.probe``), scored on the same rows: ``report.json["probe"]``.
 """
 
 from __future__ import annotations
@@ -135,6 +137,32 @@ def evaluate_seeds(gold: pa.Table, paths: dict[int, dict[str, Path]], out: Path,
     return build_report(per_seed, out, title="vanilla multi-task model", extra=extra)
 
 
+def probe_baseline(store: Path, gold: pa.Table, cfg: PipelineConfig, report: dict) -> dict:
+    """``report["probe"]``: the linear probe on the model's columns, fitted on the train split (C on dev) and
+    compared with the seed mean on each predicted split; ``{"skipped": reason}`` when it cannot run."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from mer_ray.data.labels import get_label_set
+    from mer_ray.eval.probe import fit_probe, probe_block, probe_features, probe_metrics
+    from mer_ray.vanilla.train import read_store_split
+
+    t = cfg.train
+    try:
+        cols = probe_features(t.model.modalities, t.model.encoder, ds.dataset(str(store), format="parquet").schema.names)
+        train = read_store_split(store, t.train_split)
+        if t.max_train_dialogues:  # the model's rows: the first N dialogues by id
+            keep = sorted(set(train.column("dialogue_id").to_pylist()))[: t.max_train_dialogues]
+            train = train.filter(pc.is_in(train.column("dialogue_id"), pa.array(keep)))
+        dev = read_store_split(store, t.dev_split)
+        probe = fit_probe(train, cols, get_label_set(t.emotion_labels).labels, seed=cfg.seeds[0], dev_table=dev if dev.num_rows else None)
+        metrics = probe_metrics(probe, {s: read_store_split(store, s) for s in cfg.predict_splits}, gold)
+        return probe_block(report, probe, metrics)
+    except Exception as e:  # a baseline must never sink the run it reports on
+        print(f"[pipeline] linear probe skipped: {type(e).__name__}: {e}", flush=True)
+        return {"skipped": f"{type(e).__name__}: {e}"}
+
+
 def run_pipeline(cfg: PipelineConfig, data: str | Path, out: str | Path, media_root: str | Path | None = None) -> dict:
     """Run every step on the running Ray and write ``out/report.json`` (see docs/vanilla.md for its contract)."""
     from mer_ray.eval.report import to_markdown
@@ -153,6 +181,7 @@ def run_pipeline(cfg: PipelineConfig, data: str | Path, out: str | Path, media_r
              "training": {str(s): r["history"] for s, r in trained.items()},
              "predictions": {str(s): {k: str(v) for k, v in d.items()} for s, d in paths.items()}}
     report = st.run("eval", evaluate_seeds, table, paths, out, extra)
+    report["probe"] = st.run("probe", probe_baseline, store, table, cfg, report)
     report["step_seconds"] = st.seconds
     report["wall_seconds"] = round(time.time() - t0, 2)
     (out / "report.json").write_text(json.dumps(report, indent=1))

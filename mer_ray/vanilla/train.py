@@ -77,6 +77,34 @@ def read_store_split(store: str | Path, split: str):
     return table.filter(pc.equal(table.column("split"), split))
 
 
+def store_widths(table, cfg: VanillaConfig) -> dict[str, int]:
+    """Widths of the encoder-sized columns (``image_embedding``, ``audio_embedding``) the model reads,
+    from their first non-null value."""
+    from mer_ray.vanilla.model import VARIABLE_DIMS
+
+    out = {}
+    for m in cfg.modalities:
+        if m in VARIABLE_DIMS and m not in cfg.feature_dims and m in table.column_names:
+            first = next((v for v in table.column(m).to_pylist() if v is not None), None)
+            if first is None:
+                raise ValueError(f"{m} is null in every training row: the store has no such feature to learn from")
+            out[m] = len(first)
+    return out
+
+
+def fit_feature_scaling(train: list, cfg: VanillaConfig) -> dict[str, dict]:
+    """Robust statistics of each frozen column over the train utterances where it is present
+    (``{column: mer_ray.features.scaling.fit_scaling(...)}``); stored in ``vanilla.json``."""
+    from mer_ray.features.scaling import fit_scaling
+
+    out = {}
+    for m in cfg.modalities:
+        rows = [d.features[m][d.present[m]] for d in train]
+        x = np.concatenate(rows) if rows else np.zeros((0, cfg.dim(m)), np.float32)
+        out[m] = fit_scaling(x)
+    return out
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs in the Ray Train worker: load data, resume if a checkpoint exists, train, report each epoch."""
     import ray.train
@@ -92,7 +120,9 @@ def train_loop_per_worker(config: dict) -> None:
     emo = get_label_set(cfg.emotion_labels).labels
     sent = get_label_set(cfg.sentiment_labels).labels if cfg.sentiment_labels else None
     mcfg = cfg.model.model_copy(update={"n_emotions": len(emo), "n_sentiments": len(sent) if sent else 0})
-    train = dialogues_from_table(read_store_split(config["store"], cfg.train_split), mcfg, emo, sent)
+    train_table = read_store_split(config["store"], cfg.train_split)
+    mcfg = mcfg.model_copy(update={"feature_dims": {**store_widths(train_table, mcfg), **mcfg.feature_dims}})
+    train = dialogues_from_table(train_table, mcfg, emo, sent)
     if cfg.max_train_dialogues:
         train = train[: cfg.max_train_dialogues]
     dev = dialogues_from_table(read_store_split(config["store"], cfg.dev_split), mcfg, emo)
@@ -109,6 +139,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(cfg.seed)
     model = build_vanilla(mcfg)
+    scaling = fit_feature_scaling(train, mcfg)
+    model.set_scaling(scaling)
+    if scaling:
+        used = ", ".join(f"{m} ({st['n']} train rows)" for m, st in scaling.items())
+        print(f"[vanilla] seed {cfg.seed}: {used}: robust statistics fitted on train (scaling: {mcfg.scaling})", flush=True)
     optimizer = build_optimizer(model, cfg.lr, cfg.lr_encoder, cfg.weight_decay)
     steps_per_epoch = len(length_batches(train, cfg.batch_utterances))
     scheduler = warmup_linear(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_frac)
@@ -122,7 +157,8 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"[vanilla] resumed after epoch {start - 1}")
 
     meta = {"model": mcfg.model_dump(), "emotion_labels": list(emo), "sentiment_labels": list(sent) if sent else None,
-            "has_vad": has_vad, "vad_mean": vad_mean.tolist(), "vad_std": vad_std.tolist(), "seed": cfg.seed}
+            "has_vad": has_vad, "vad_mean": vad_mean.tolist(), "vad_std": vad_std.tolist(), "seed": cfg.seed,
+            "feature_scaling": scaling}
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         torch.manual_seed(cfg.seed * 1000 + epoch)  # same dropout stream whether resumed or not

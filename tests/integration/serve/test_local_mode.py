@@ -22,7 +22,8 @@ DIALOGUE = [{"speaker": "Ross", "text": "We were on a break!"}, {"speaker": "Rac
 
 
 def tiny_models(root: Path, seed: int = 0) -> Path:
-    """A models dir with a tiny vanilla model (frozen MiniLM features, 16 hidden) built from its config."""
+    """A models dir with a tiny vanilla model (frozen MiniLM, eGeMAPS and face features, 16 hidden) built from its
+    config, with feature-scaling statistics on the features' real scales (eGeMAPS medians up to 2,700)."""
     import torch
 
     from mer_ray.vanilla.model import VanillaConfig, build_vanilla
@@ -30,10 +31,16 @@ def tiny_models(root: Path, seed: int = 0) -> Path:
     d = root / "vanilla"
     d.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    cfg = VanillaConfig(encoder="frozen", modalities=["text_embedding"], hidden=16, n_emotions=7, n_sentiments=3)
-    torch.save(build_vanilla(cfg, pretrained=False).state_dict(), d / "model.pt")
+    cfg = VanillaConfig(encoder="frozen", modalities=["text_embedding", "audio_egemaps", "face_embedding"], hidden=16,
+                        n_emotions=7, n_sentiments=3)
+    model = build_vanilla(cfg, pretrained=False)
+    scaling = {"text_embedding": {"center": [0.0] * 384, "scale": [0.05] * 384, "clip": 5.0},
+               "audio_egemaps": {"center": np.linspace(0, 2700, 88).tolist(), "scale": np.logspace(-2, 2.2, 88).tolist(), "clip": 5.0},
+               "face_embedding": {"center": [0.2] * 128, "scale": [0.5] * 128, "clip": 5.0}}
+    model.set_scaling(scaling)
+    torch.save(model.state_dict(), d / "model.pt")
     meta = {"model": cfg.model_dump(), "emotion_labels": MELD7, "sentiment_labels": ["neutral", "positive", "negative"],
-            "has_vad": True, "seed": seed}
+            "has_vad": True, "seed": seed, "feature_scaling": {m: model.scalers[m].stats() for m in cfg.modalities}}
     (d / "vanilla.json").write_text(json.dumps(meta))
     return root
 
@@ -189,6 +196,29 @@ def test_media_sent_as_content_reaches_the_face_and_voice_stages(handle, tmp_pat
     status, out = call(handle, payload={"utterances": [{"speaker": "A", "text": "hello", "video_b64": base64.b64encode(data).decode()}],
                                         "use_llm": False})
     assert status == 200 and len(out["utterances"]) == 1
+
+
+def test_served_media_features_are_scaled_as_the_predictor_scales_them(handle, models, tmp_path):
+    """Serve and ``VanillaPredictor`` (as ``mer predict`` loads it) apply the stored statistics identically,
+    and those statistics matter: a present eGeMAPS vector moves the answer."""
+    from mer_ray.demo.media import clip
+    from mer_ray.serve.featurize import RequestFeaturizer
+    from mer_ray.vanilla.predict import VanillaPredictor
+
+    b64 = base64.b64encode(clip(tmp_path / "c.mp4", seconds=1.0, fps=8, f0=210.0).read_bytes()).decode()
+    utts = [{"speaker": "A", "text": "hello there", "video_b64": b64}, {"speaker": "B", "text": "no media here"}]
+    rows = RequestFeaturizer().featurize(utts)
+    assert rows[0]["audio_egemaps"] is not None and rows[1].get("audio_egemaps") is None
+    pred = VanillaPredictor.from_dir(models / "vanilla")
+    st = pred.model.scalers["audio_egemaps"]
+    assert float(st.center[-1]) == 2700.0  # the stored statistics were loaded, not the identity
+    want = pred.predict_dialogue([{**r, "turn": i} for i, r in enumerate(rows)])["emotion_probs"]
+    status, out = call(handle, payload={"utterances": utts, "use_llm": False})
+    assert status == 200, out
+    got = np.array([[u["probs"][k] for k in MELD7] for u in out["utterances"]])
+    np.testing.assert_array_equal(got, want)  # the same features, model and batch: the same floats
+    no_audio = pred.predict_dialogue([{**r, "turn": i, "audio_egemaps": None} for i, r in enumerate(rows)])["emotion_probs"]
+    assert np.abs(no_audio[0] - want[0]).max() > 1e-4  # the voice features reach the answer
 
 
 def turn_rows(utterances):

@@ -44,7 +44,15 @@ def test_report_contract(run):
         assert rep[split]["weighted_f1"] == np.mean([v["weighted_f1"] for v in rep[split]["per_seed"].values()])
         assert (run["out"] / f"confusion_{split}.png").exists() and (run["out"] / f"per_class_f1_{split}.png").exists()
     assert rep["seeds"] == [0, 1]
-    assert set(rep["step_seconds"]) == {"load", "extract", "train", "predict", "eval"}
+    assert set(rep["step_seconds"]) == {"load", "extract", "train", "predict", "eval", "probe"}
+    # the linear probe on the model's own columns, scored on the same rows as the seed mean
+    assert rep["probe"]["columns"] == ["text_embedding"] and rep["probe"]["n_train"] > 0
+    for split in ("dev", "test"):
+        c = rep["probe"][split]
+        assert c["probe"]["n"] == rep[split]["n"] and c["model"]["accuracy"] == rep[split]["accuracy"]
+        assert c["delta"]["weighted_f1"] == pytest.approx(rep[split]["weighted_f1"] - c["probe"]["weighted_f1"])
+        assert c["model_loses"] == (c["delta"]["accuracy"] < 0 or c["delta"]["weighted_f1"] < 0)
+    assert "## Linear probe" in (run["out"] / "report.md").read_text()
     assert re.fullmatch(r"[0-9a-f]{64}", rep["config_sha256"]) and rep["config_sha256"] == run["cfg"].sha256()
     assert "weighted F1" in (run["out"] / "report.md").read_text()
 

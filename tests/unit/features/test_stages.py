@@ -79,6 +79,27 @@ def test_every_status_and_reason_without_ray(decoded):
     noface = batch["case"].index("noface")
     assert batch["n_face_frames"][noface] == 0 and batch["face_boxes"][noface] == [None] * 6
     assert np.abs(np.array(batch["face_embedding"][face])).sum() > 0
+    # A row that names only audio asked for no faces: its audio is computed and it is ok, no face problem.
+    voice = batch["case"].index("audio_only_row")
+    assert batch["status"][voice] == "ok" and batch["error"][voice] is None and batch["_problems"][voice] == []
+    assert len(batch["audio_egemaps"][voice]) == 88 and batch["n_frames"][voice] == batch["n_face_frames"][voice] == 0
+    assert batch["face_boxes"][voice] is None and batch["face_embedding"][voice] is None
+
+
+def test_audio_only_rows_have_no_problem_whatever_the_video_cell(tmp_path):
+    """No ``video`` column, a null cell and an empty CSV-style cell all mean: the row asked for audio only."""
+    from mer_ray.features.decode import DecodeStage, decode_row
+
+    sm.write_media(tmp_path / "a.wav", audio=sm.voice(1.0, seed=3))
+    for video in (None, ""):
+        r = decode_row(str(tmp_path), video, "a.wav", None, None, 4, 320, 16000, 60)
+        assert r["_problems"] == [] and not r["_fatal"] and r["audio_seconds"] == 1.0 and r["n_frames"] == 0
+    out = DecodeStage(str(tmp_path))({"text": [""], "audio": ["a.wav"]})  # no video column at all
+    assert out["_problems"] == [[]] and out["_fatal"] == [False] and out["audio_seconds"] == [1.0]
+    # A video without an audio track still lacks what it should give.
+    sm.clip(tmp_path / "silent.mp4", seconds=1.0, audio=False)
+    r = decode_row(str(tmp_path), "silent.mp4", None, None, None, 4, 320, 16000, 60)
+    assert [p.split(":")[0] for p in r["_problems"]] == ["no audio track"]
 
 
 def test_corrupt_tail_and_bad_span(tmp_path):

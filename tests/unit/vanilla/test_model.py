@@ -111,6 +111,30 @@ def test_missing_modality_is_masked_not_zero():
         assert not torch.allclose(model(batch)["emotion"][0, 0], ref[0, 0])  # a modelling difference, not rounding
 
 
+def test_scaling_is_applied_before_the_projection_and_missing_stays_missing():
+    from mer_ray.features.scaling import fit_scaling
+
+    cfg = _cfg()
+    d = dialogues_from_table(_table(audio_missing={0}), cfg)
+    torch.manual_seed(0)
+    model = build_vanilla(cfg).eval()
+    with torch.no_grad():
+        batch = collate(d, cfg)
+        raw = model(batch)["emotion"]
+        x = batch["audio_egemaps"][batch["audio_egemaps_mask"]].numpy() * 100.0 + 2700.0  # eGeMAPS-like scale
+        st = {"text_embedding": fit_scaling(batch["text_embedding"][batch["utt_mask"]].numpy()), "audio_egemaps": fit_scaling(x)}
+        model.set_scaling(st)
+        batch["audio_egemaps"] = batch["audio_egemaps"] * 100.0 + 2700.0
+        scaled = model(batch)["emotion"]
+        # the proj layer sees clip((x - median) / (IQR / 1.349)): the same as the raw model on those inputs
+        z = model.scalers["audio_egemaps"](batch["audio_egemaps"])
+        assert float(z[batch["audio_egemaps_mask"]].abs().max()) <= 5.0 and abs(float(z[batch["audio_egemaps_mask"]].median())) < 0.1
+        # the missing slot (zero-filled raw, 2700 after the affine map) is still the learned missing vector
+        batch["audio_egemaps"][0, 0] = -1e6
+        assert torch.equal(model(batch)["emotion"], scaled)
+        assert not torch.allclose(scaled, raw)
+
+
 def test_vad_loss_masked_where_label_missing():
     cfg = _cfg()
     d = dialogues_from_table(_table(), cfg, EMO, SENT)
