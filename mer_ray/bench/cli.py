@@ -114,3 +114,29 @@ def bench_serve_check_cmd(
     res = run_check(models, predictions, meld_dir, n, out, config, port, url, num_cpus, overrides=set_)
     typer.echo(json.dumps({k: res[k] for k in ("n_dialogues", "max_abs_diff", "goal", "pass")}, indent=1))
     typer.echo(f"wrote {out}")
+
+
+@app.command("probe")
+def bench_probe_cmd(
+    out: Path = typer.Option(Path("docs/bench/probe/probe.json"), "--out", help="JSON file to write (the bar plot goes beside it, .png)."),
+    manifest: Path | None = typer.Option(None, "--manifest", help="A manifest with `split` (default: generate the clip corpus)."),
+    media_root: Path | None = typer.Option(None, "--media-root", help="Where the manifest's media paths resolve (default: its directory)."),
+    n_per_label: int = typer.Option(150, help="Generated clips per label (split 60/20/20 per label: 120 test clips by default)."),
+    corpus_seed: int = typer.Option(0, help="Seed of the generated corpus."),
+    face: bool = typer.Option(True, help="Generated clips carry a face (else audio-only wav files)."),
+    config: Path | None = typer.Option(None, "--config", help="A PipelineConfig YAML to run instead of the bench's clip recipe."),
+    seeds: str | None = typer.Option(None, help="Comma-separated seeds overriding the config's (default 0,1,2)."),
+    sets: str | None = typer.Option(None, help="Comma-separated feature sets to run (default: all the corpus has)."),
+    work_dir: Path | None = typer.Option(None, help="Corpus, feature store and models (default: a temporary directory)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key of the config, e.g. --set train.epochs=20."),
+) -> None:
+    """Vanilla model vs its linear probe on real openSMILE and FER features of generated clips, per modality (JSON + PNG)."""
+    from mer_ray.bench.probe import run_bench
+
+    res = run_bench(out, manifest=manifest, media_root=media_root, work_dir=work_dir, n_per_label=n_per_label,
+                    corpus_seed=corpus_seed, face=face, config=config, overrides=set_,
+                    seeds=[int(s) for s in seeds.split(",")] if seeds else None, sets=sets.split(",") if sets else None)
+    typer.echo(json.dumps({"pass": res["pass"], **{k: {"model_acc": round(v["model"]["test"]["accuracy"], 2),
+                                                       "probe_acc": round(v["probe"]["test"]["accuracy"], 2), "pass": v["pass"]}
+                                                   for k, v in res["feature_sets"].items()}}, indent=1))
+    typer.echo(f"wrote {out}")
