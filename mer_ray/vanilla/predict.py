@@ -56,9 +56,8 @@ class VanillaPredictor:
         missing, unexpected = model.load_state_dict(artifacts.read_weights(model_dir), strict=False)
         if unexpected or [k for k in missing if not k.startswith("scalers.")]:
             raise ValueError(f"{model_dir}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
-        if missing:  # written before scaling existed: its statistics (if any) are in the JSON
-            model.set_scaling(meta.get("feature_scaling") or {m: {"center": [0.0] * model.cfg.dim(m), "scale": [1.0] * model.cfg.dim(m),
-                                                                  "clip": float("inf")} for m in model.cfg.modalities})
+        if missing and meta.get("feature_scaling"):  # written before the buffers: statistics from the JSON
+            model.set_scaling(meta["feature_scaling"])  # (none at all: the scalers stay the identity they are built as)
         return cls(model, meta, num_threads)
 
     @property
