@@ -49,6 +49,40 @@ def start_local_ray(num_cpus: float | None = None, object_store_memory: int = 25
                      env={**serve_env(), **(env or {})})
 
 
+def requested_cpus(cfg: ServeConfig, options: dict[str, dict]) -> dict[str, float]:
+    """Logical CPUs each configured deployment asks for (``num_cpus`` x replicas, the minimum under autoscaling).
+
+    ``FinetunedLLM`` options apply to every fine-tuned member of an ``mer ensemble`` run, so they count once per member.
+    """
+    from mer_ray.serve.ensemble_run import fusion_config, is_ensemble_run
+
+    members = (fusion_config(cfg.models_path).get("members") or []) if is_ensemble_run(cfg.models_path) else []
+    out = {}
+    for name, opt in options.items():
+        n = opt.get("num_replicas", 1)
+        if n == "auto" or opt.get("autoscaling_config"):
+            n = (opt.get("autoscaling_config") or {}).get("min_replicas", 1)
+        cpus = float((opt.get("ray_actor_options") or {}).get("num_cpus", 1)) * int(n)
+        if name == "FinetunedLLM":
+            out.update({f"FinetunedLLM_{m}": cpus for m in members if f"FinetunedLLM_{m}" not in options})
+        else:
+            out[name] = cpus
+    return out
+
+
+def check_cpus(cfg: ServeConfig, options: dict[str, dict], available: float) -> None:
+    """Fail at once when the deployments ask for more logical CPUs than the local Ray has.
+
+    Otherwise Serve waits forever for a replica it cannot place (``mer serve`` hangs with no error).
+    """
+    asked = requested_cpus(cfg, options)
+    total = sum(asked.values())
+    if total > available + 1e-9:
+        detail = ", ".join(f"{k} {v:g}" for k, v in asked.items())
+        raise ValueError(f"the Serve config asks for {total:g} CPUs ({detail}) but the local Ray has {available:g}: "
+                         "lower ray_actor_options.num_cpus in the YAML, or pass a larger --num-cpus")
+
+
 def deploy(cfg: ServeConfig, options: dict[str, dict], host: str = "127.0.0.1", port: int = 8000,
            name: str = "mer", route_prefix: str = "/", timeout_s: float = 300.0) -> str:
     """Deploy on the connected Ray, wait until ``/healthz`` answers, return the base URL."""
@@ -89,4 +123,5 @@ def serve_local(config: str | Path | None = None, models_dir: str | None = None,
 
     if not ray.is_initialized():  # e.g. the demo calls this on the Ray it already started
         start_local_ray(num_cpus=num_cpus, env=env)
+        check_cpus(cfg, options, ray.cluster_resources().get("CPU", 0.0))  # a cluster may autoscale; a local Ray cannot
     return deploy(cfg, options, host, port, name=app.get("name", "mer"), route_prefix=app.get("route_prefix", "/"))
