@@ -20,9 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mer_ray.data.schema import GOLD_COLUMNS
+from mer_ray.features.columns import MODEL_FEATURES
 
 #: Frozen feature-store columns a model can read, in a fixed order.
-FEATURE_COLUMNS: tuple[str, ...] = ("text_embedding", "audio_egemaps", "face_embedding", "face_probs", "image_embedding", "audio_embedding")
+FEATURE_COLUMNS: tuple[str, ...] = MODEL_FEATURES
 #: The ``C`` values tried (ascending; a tie on dev keeps the stronger regularisation).
 C_GRID: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
 #: Metrics compared between model and probe.

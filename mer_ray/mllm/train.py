@@ -136,9 +136,7 @@ class TrainingSetup:
 def fit_projector_scaling(cfg: FinetuneConfig, model) -> dict[str, dict]:
     """Fit each projector's robust feature statistics on the train split's present features (the same
     numbers every later load applies: they are buffers in ``projectors.safetensors``)."""
-    import numpy as np
-
-    from mer_ray.features.scaling import fit_scaling
+    from mer_ray.features.scaling import fit_present
 
     mods = {m: p.feature for m, p in cfg.model.projectors.items()}
     if not mods:
@@ -146,9 +144,7 @@ def fit_projector_scaling(cfg: FinetuneConfig, model) -> dict[str, dict]:
     train = load_dialogues(cfg.data, cfg.data.train_split, mods)
     out = {}
     for m, proj in model.projectors.items():
-        rows = [f[m] for d in train for f in d.feats if m in f]
-        x = np.stack(rows) if rows else np.zeros((0, proj.in_dim), np.float32)
-        out[m] = fit_scaling(x)
+        out[m] = fit_present([f[m] for d in train for f in d.feats if m in f], proj.in_dim)
         proj.norm.set_stats(out[m])
     return out
 

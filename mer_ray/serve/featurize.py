@@ -16,6 +16,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from mer_ray.features.columns import MODEL_FEATURES
 from mer_ray.serve.schemas import decode_media
 
 
@@ -23,7 +24,7 @@ class MediaError(ValueError):
     """An uploaded clip could not be decoded at all (answered with 422)."""
 
 
-_FEATURES = ("text_embedding", "face_embedding", "face_probs", "audio_egemaps", "image_embedding", "audio_embedding")
+_FEATURES = MODEL_FEATURES  # every column a model may read
 
 
 class RequestFeaturizer:

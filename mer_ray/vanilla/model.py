@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from mer_ray.features.columns import FIXED_WIDTH, VARIABLE_WIDTH
 from mer_ray.features.scaling import FeatureScaler
 
-#: Frozen feature-store columns of fixed width.
-MODALITY_DIMS: dict[str, int] = {"text_embedding": 384, "audio_egemaps": 88, "face_embedding": 128, "face_probs": 7}
-#: Frozen columns whose width is the configured encoder's (ViT, HuBERT/wav2vec2): read from the store at training.
-VARIABLE_DIMS: tuple[str, ...] = ("image_embedding", "audio_embedding")
+#: Frozen feature-store columns of fixed width (:data:`mer_ray.features.columns.FIXED_WIDTH`).
+MODALITY_DIMS: dict[str, int] = FIXED_WIDTH
+#: Frozen columns whose width is the configured encoder's: read from the store at training.
+VARIABLE_DIMS: tuple[str, ...] = VARIABLE_WIDTH
 
 
 class VanillaConfig(BaseModel):

@@ -95,14 +95,9 @@ def store_widths(table, cfg: VanillaConfig) -> dict[str, int]:
 def fit_feature_scaling(train: list, cfg: VanillaConfig) -> dict[str, dict]:
     """Robust statistics of each frozen column over the train utterances where it is present
     (``{column: mer_ray.features.scaling.fit_scaling(...)}``); stored in ``vanilla.json``."""
-    from mer_ray.features.scaling import fit_scaling
+    from mer_ray.features.scaling import fit_present
 
-    out = {}
-    for m in cfg.modalities:
-        rows = [d.features[m][d.present[m]] for d in train]
-        x = np.concatenate(rows) if rows else np.zeros((0, cfg.dim(m)), np.float32)
-        out[m] = fit_scaling(x)
-    return out
+    return {m: fit_present([d.features[m][d.present[m]] for d in train], cfg.dim(m)) for m in cfg.modalities}
 
 
 def train_loop_per_worker(config: dict) -> None:
