@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from mer_ray.bench import cli as bench
+from mer_ray.calibration import cli as calibration
 from mer_ray.data import cli as data
 from mer_ray.demo import cli as demo
 from mer_ray.ensemble import cli as ensemble
@@ -24,7 +25,7 @@ set_offline_env()
 
 app = typer.Typer(help="mer-ray: multimodal emotion recognition in conversations, on Ray.", no_args_is_help=True)
 predict = typer.Typer(help="Write per-utterance probability distributions.", no_args_is_help=True)
-for area in (features, vanilla, mllm, ensemble, serve, demo):
+for area in (features, vanilla, mllm, ensemble, calibration, serve, demo):
     app.add_typer(area.app)  # an unnamed sub-app: its commands are top-level (mer extract, mer train, ...)
 for area in (vanilla, mllm, ensemble):
     predict.add_typer(area.predict_app)

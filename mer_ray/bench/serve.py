@@ -169,10 +169,13 @@ def run_bench(out, models_dir=None, config=None, n_requests: int = 500, n_llm: i
     finally:
         serve.shutdown()
         ray.shutdown()
+    from mer_ray.calibration.artifacts import Calibration
+
     th = cfg.torch_threads
     ens = Ensemble.local(RequestFeaturizer(th), VanillaMember(cfg.models_dir, th),
                          RefinerMember(cfg.models_dir, cfg.llm.model_dump(), cfg.llm.n_threads) if llm else None,
-                         FusionMember(cfg.models_dir, th) if llm else None)
+                         FusionMember(cfg.models_dir, th) if llm else None,
+                         calibration=Calibration.load(cfg.models_dir))  # as the Serve ingress applies it
     for c, use_llm, n in settings:
         w = 1 if use_llm else warmup
         load_inprocess(ens, dialogues, w, min(c, w), use_llm)

@@ -148,6 +148,14 @@ def step_lantern(ctx: DemoContext) -> None:
                               "test_weighted_f1": {k: round(v["weighted_f1"], 2) for k, v in report["test"].items()}}
 
 
+def step_calibrate(ctx: DemoContext) -> None:
+    """Calibration on dev: temperatures and conformal scores, stored as models/calibration.json."""
+    from mer_ray.calibration.calibrate import fit_dir
+
+    cal = fit_dir(ctx.out / "models", manifest=ctx.paths["manifest"])
+    ctx.results["calibration"] = {"temperatures": cal.temperatures, "method": cal.method, "alpha_range": list(cal.alpha_range)}
+
+
 def step_serve(ctx: DemoContext) -> None:
     """Ray Serve: start the ensemble on 127.0.0.1, send a real request, print the answer and the URL."""
     from mer_ray.demo.service import serve_demo
@@ -160,7 +168,7 @@ def step_serve(ctx: DemoContext) -> None:
 #: demo models with every step except "serve" (so it cannot recurse); `mer serve` never trains.
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("corpus", step_corpus), ("extract", step_extract), ("train", step_train), ("predict", step_predict), ("eval", step_eval),
-    ("lantern", step_lantern), ("serve", step_serve),
+    ("lantern", step_lantern), ("calibrate", step_calibrate), ("serve", step_serve),
 ]
 
 

@@ -151,10 +151,16 @@ def run_ensemble_recipe(cfg: EnsembleConfig) -> dict:
     st.path.write_text(json.dumps(st.wall, indent=1))
     report["wall_s"] = dict(st.wall)
     (out / "report" / "report.json").write_text(json.dumps(report, indent=1))
+    from mer_ray.calibration.calibrate import fit_dir
+
+    st.run("calibration", False, fit_dir, out, meld=meld)  # <out>/calibration.json, from report/dev_predictions.parquet
     if cfg.evidence:
         ev = Path(cfg.evidence)
         ev.mkdir(parents=True, exist_ok=True)
         for f in ("report.json", "report.md", "ablation.png", "test_predictions.parquet", "dev_predictions.parquet"):
             if (out / "report" / f).exists():
                 shutil.copy(out / "report" / f, ev / f)
+        from mer_ray.calibration.apply import calibrate_run_evidence
+
+        calibrate_run_evidence(out, ev, meld=meld)  # the committed rows are the calibrated ones (uncalibrated copies kept)
     return report

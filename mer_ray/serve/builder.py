@@ -59,7 +59,12 @@ def require_models(cfg: ServeConfig) -> None:
     """Raise :class:`MissingModelsError` unless every model the config serves is in ``cfg.models_dir``.
 
     Nothing is trained here: a server that trained a stand-in model behind its user's back would
-    answer real dialogues with near-uniform probabilities and never say so.
+    answer real dialogues with near-uniform probabilities and never say so. A ``calibration.json`` is
+    optional (without it the service answers ``calibrated: false``), but one that does not load is an error.
+
+    Raises:
+        MissingModelsError: a model is missing.
+        ValueError: ``calibration.json`` is not a valid calibration (the message names it).
     """
     from mer_ray.serve.ensemble_run import is_ensemble_run
 
@@ -74,6 +79,9 @@ def require_models(cfg: ServeConfig) -> None:
         how = "; ".join(f"{d}/: {MAKERS[d]}" for d in MAKERS if any(f"/{d}/" in m for m in missing))
         raise MissingModelsError(f"models dir {cfg.models_dir!r} lacks {missing}. Make them with: {how}. "
                                  "Then pass --models DIR.")
+    from mer_ray.calibration.artifacts import Calibration
+
+    Calibration.load(cfg.models_path)  # a bad calibration.json fails here, naming it, not in every Ingress replica
 
 
 def build_app(cfg: ServeConfig | dict | None = None, options: dict[str, dict] | None = None):

@@ -14,11 +14,15 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mer_ray.data.labelmap import project
 from mer_ray.data.labels import MAPPINGS, get_label_set
+
+if TYPE_CHECKING:
+    from mer_ray.calibration.artifacts import Calibration
 
 Member = Callable[..., Awaitable[Any]]
 
@@ -44,13 +48,18 @@ def label_map(model_set: str, target: str | None) -> tuple[str, list[str], np.nd
     return target, tgt, proj
 
 
-def _as_dist(p, proj: np.ndarray | None, labels: list[str]) -> dict[str, float]:
+def _project(p, proj: np.ndarray | None) -> np.ndarray:
+    """[n, C] model-label probabilities -> [n, C'] (labels without a counterpart drop out; rows renormalised)."""
     p = np.asarray(p, dtype=np.float64)
-    if proj is not None:
-        p = p @ proj  # labels without a counterpart drop out; renormalise over the rest
-        s = p.sum()
-        p = p / s if s > 0 else np.full(len(labels), 1.0 / len(labels))
+    return p if proj is None else project(p, proj)
+
+
+def _as_dist(p, labels: list[str]) -> dict[str, float]:
     return {lab: float(v) for lab, v in zip(labels, p)}
+
+
+class AlphaError(ValueError):
+    """The request's ``alpha`` is outside the range the calibration supports (422)."""
 
 
 def available_label_sets(model_set: str) -> list[str]:
@@ -72,12 +81,17 @@ class Ensemble:
     """An ``mer ensemble`` run's fine-tuned LLM members: ``(rows, vanilla mean [n, C]) -> [n, C]``, by name."""
     ensemble_fuse: Member | None = None
     """That run's fitted fusion: ``(seeds, members, refiner detail or None) -> [n, C]``; set: the run's layout."""
+    calibration: Calibration | None = None
+    """The models dir's ``calibration.json`` (temperatures and conformal scores); None: answers are uncalibrated."""
     _label_set: str | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def local(cls, featurizer, vanilla, refiner=None, fusion=None, mllm=None, mllm_weight: float = 0.5,
-              members: dict | None = None, ensemble_fusion=None) -> Ensemble:
-        """Wrap plain member objects (no Ray): each call runs in a worker thread."""
+              members: dict | None = None, ensemble_fusion=None, calibration: Calibration | None = None) -> Ensemble:
+        """Wrap plain member objects (no Ray): each call runs in a worker thread.
+
+        ``calibration``: the models dir's (``Calibration.load(models_dir)``), as the Serve ingress loads it.
+        """
 
         def th(fn):
             return None if fn is None else (lambda *a: asyncio.to_thread(fn, *a))
@@ -85,7 +99,7 @@ class Ensemble:
         llms = None if members is None else {name: th(m.predict) for name, m in members.items()}
         return cls(th(featurizer.featurize), th(vanilla.predict), th(vanilla.label_set_name),
                    th(refiner and refiner.refine), th(fusion and fusion.fuse), th(mllm and mllm.predict), mllm_weight,
-                   llms, th(ensemble_fusion and ensemble_fusion.fuse))
+                   llms, th(ensemble_fusion and ensemble_fusion.fuse), calibration)
 
     @property
     def has_llm(self) -> bool:
@@ -117,10 +131,30 @@ class Ensemble:
             self._label_set = await self.label_set()
         return self._label_set
 
+    def resolve_alpha(self, alpha: float | None) -> float | None:
+        """The alpha a request's prediction sets use: its own, else the calibration's default (None: no calibration).
+
+        Raises:
+            AlphaError: ``alpha`` is outside the calibration's range (the message names the range).
+        """
+        cal = self.calibration
+        if cal is None:
+            return None  # nothing to make sets with; the answer says alpha: null
+        alpha = cal.alpha_default if alpha is None else float(alpha)
+        try:
+            cal.check_alpha(alpha)
+        except ValueError as e:
+            raise AlphaError(str(e)) from None
+        return alpha
+
     async def predict_rows(self, rows: list[dict], use_llm: bool, label_set: str | None, targets: list[int] | None = None,
-                           timing: dict[str, float] | None = None) -> dict:
-        """Predict a featurized dialogue; ``targets`` limits the answer (and the LLM work) to some positions."""
+                           timing: dict[str, float] | None = None, alpha: float | None = None) -> dict:
+        """Predict a featurized dialogue; ``targets`` limits the answer (and the LLM work) to some positions.
+
+        ``alpha``: the prediction sets' miscoverage (None: the calibration's default).
+        """
         timing = {} if timing is None else timing
+        alpha = self.resolve_alpha(alpha)
         model_set = await self.model_label_set()
         name, labels, proj = label_map(model_set, label_set)
         n = len(rows)
@@ -152,23 +186,53 @@ class Ensemble:
             timing["mllm"] = (time.perf_counter() - t) * 1e3
             mllm = np.asarray(mllm, dtype=np.float64)
             fused = (1 - self.mllm_weight) * fused + self.mllm_weight * mllm
-        out = []
-        for i in targets:
-            probs = _as_dist(fused[i], proj, labels)
-            out.append({
-                "label": max(probs, key=probs.get), "probs": probs, "vanilla": _as_dist(van[i], proj, labels),
-                "llm": None if llm[i] is None else _as_dist(llm[i], proj, labels),
-                "receptive_fields": [list(map(int, f)) for f in fields[i]],
-                "mllm": None if mllm is None else _as_dist(mllm[i], proj, labels),
-            })
-        return {"label_set": name, "labels": labels, "utterances": out, "timing_ms": timing}
+        final = "final_llm" if use_llm and self.has_llm else "final_no_llm"
+        members = {"vanilla": van, "llm": llm, "mllm": mllm}
+        return self._answer(name, labels, proj, final, fused, members, fields, targets, alpha, timing)
 
-    async def recognize(self, utterances: list[dict], use_llm: bool = True, label_set: str | None = None) -> dict:
+    def _calibrated(self, dist: str, p, proj: np.ndarray | None) -> np.ndarray:
+        """Temperature on the model's labels (where it was fitted), then the label-set projection: [n, C] -> [n, C']."""
+        p = np.asarray(p, dtype=np.float64)
+        return _project(p if self.calibration is None else self.calibration.calibrate(dist, p), proj)
+
+    def _member(self, dist: str, p, proj: np.ndarray | None, labels: list[str], k: int) -> list[dict | None]:
+        """A member's ``k`` calibrated rows as dicts: ``p`` is [k, C], a list of [C] or None (not scored), or None."""
+        if p is None:
+            return [None] * k
+        if isinstance(p, np.ndarray):
+            return [_as_dist(r, labels) for r in self._calibrated(dist, p, proj)]
+        return [None if r is None else _as_dist(self._calibrated(dist, np.asarray(r)[None], proj)[0], labels) for r in p]
+
+    def _answer(self, name: str, labels: list[str], proj, final: str, fused: np.ndarray, members: dict, fields: list,
+                targets: list[int], alpha: float | None, timing: dict) -> dict:
+        """The response dict for the ``targets`` rows: calibrated distributions, prediction sets, the calibration used.
+
+        ``final`` names the distribution ``probs`` is calibrated (and its sets made) as: ``final_llm``/``final_no_llm``.
+        """
+        cal, k = self.calibration, len(targets)
+        raw = _project(fused[targets], proj)
+        probs = self._calibrated(final, fused[targets], proj)
+        sets = None if cal is None else cal.prediction_sets(final, name, probs, alpha)
+        at = {m: None if v is None else (v[targets] if isinstance(v, np.ndarray) else [v[i] for i in targets]) for m, v in members.items()}
+        per = {m: self._member(m, v, proj, labels, k) for m, v in at.items()}
+        out = []
+        for j, i in enumerate(targets):
+            p = _as_dist(probs[j], labels)
+            out.append({"label": max(p, key=p.get), "probs": p, "probs_uncalibrated": _as_dist(raw[j], labels),
+                        "prediction_set": None if sets is None else sets[j], **{m: per[m][j] for m in per},
+                        "receptive_fields": [list(map(int, f)) for f in fields[i]]})
+        conformal = None if sets is None else {"method": cal.method, "alpha_range": list(cal.alpha_range)}
+        return {"label_set": name, "labels": labels, "utterances": out, "calibrated": cal is not None,
+                "alpha": None if sets is None else alpha, "conformal": conformal, "timing_ms": timing}
+
+    async def recognize(self, utterances: list[dict], use_llm: bool = True, label_set: str | None = None,
+                        alpha: float | None = None) -> dict:
         """One dialogue of plain utterance dicts (``speaker``, ``text``, optional media bytes) -> response dict."""
+        self.resolve_alpha(alpha)  # refuse a bad alpha before the featurizer's work
         t0 = time.perf_counter()
         timing: dict[str, float] = {}
         rows = await self.featurize(utterances)
         timing["features"] = (time.perf_counter() - t0) * 1e3
-        out = await self.predict_rows(rows, use_llm, label_set, timing=timing)
+        out = await self.predict_rows(rows, use_llm, label_set, timing=timing, alpha=alpha)
         timing["total"] = (time.perf_counter() - t0) * 1e3
         return out

@@ -10,9 +10,10 @@ import hmac
 import json
 import re
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ValidationError
 
 from mer_ray.serve import schemas as S
@@ -37,8 +38,14 @@ def pydantic_error(err: ValidationError | RequestValidationError) -> ApiError:
     return ApiError(422, "invalid request: " + "; ".join(parts), detail)
 
 
-api = FastAPI(title="mer-ray", version="0.1.0",
-              description="Multimodal emotion recognition in conversations: vanilla model + Lantern LLM refinement + fusion, on Ray Serve.")
+#: Our users' machines are often offline: FastAPIOffline serves /docs and /redoc with the Swagger UI and ReDoc
+#: assets that the ``fastapi-offline`` package ships (under DOCS_STATIC), where FastAPI's default pages load a CDN.
+#: ``validatorUrl: None`` stops Swagger UI from sending the spec to its online validator.
+DOCS_STATIC = "/docs-static"
+api = FastAPIOffline(title="mer-ray", version="0.1.0", static_url=DOCS_STATIC, swagger_ui_parameters={"validatorUrl": None},
+                     description="Multimodal emotion recognition in conversations: vanilla model + Lantern LLM refinement + fusion, "
+                                 "on Ray Serve. Probabilities are calibrated and come with split-conformal prediction sets when the "
+                                 "models dir has a calibration.")
 
 
 @api.exception_handler(ApiError)

@@ -8,20 +8,27 @@ for text length and counts, 413 for one media upload) -> label set (422).
 
 # No `from __future__ import annotations`: Serve's class-based view needs real annotations (Request).
 import asyncio
+import mimetypes
 import os
+import re
 import time
+from importlib.resources import files
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
+from mer_ray.calibration.artifacts import Calibration
 from mer_ray.data.labels import LABEL_SETS
 from mer_ray.serve import schemas as S
 from mer_ray.serve.config import ServeConfig
-from mer_ray.serve.ensemble import Ensemble, LabelSetError, available_label_sets, label_map
+from mer_ray.serve.ensemble import AlphaError, Ensemble, LabelSetError, available_label_sets, label_map
 from mer_ray.serve.featurize import MediaError
 from mer_ray.serve.http import ApiError, api, body_spec, check_auth, check_limits, check_sid, parse, read_body
-from mer_ray.serve.sessions import SessionStore, get_store
+from mer_ray.serve.sessions import SessionStore, get_store, speaker_summary
+
+#: A file name under ``static/``: no separator, no leading dot (so no ``..``), nothing a path could smuggle.
+_STATIC_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 class _Store:
@@ -56,21 +63,38 @@ class Ingress:
                             refiner.refine.remote if refiner else None, fusion.fuse.remote if fusion else None,
                             mllm.predict.remote if mllm else None,
                             members=None if members is None else {m: h.predict.remote for m, h in members.items()},
-                            ensemble_fuse=ensemble_fusion.fuse.remote if ensemble_fusion else None)
+                            ensemble_fuse=ensemble_fusion.fuse.remote if ensemble_fusion else None,
+                            calibration=Calibration.load(self.cfg.models_dir))
         self.store = _Store(self.cfg.sessions)
 
-    async def _labels(self, label_set: str | None, use_llm: bool) -> tuple[str | None, bool]:
+    async def _options(self, req, where: str = "") -> tuple[str | None, bool]:
+        """Check a request's label set and alpha (422 naming them); the label set and the effective ``use_llm``."""
         try:
-            label_map(await self.ens.model_label_set(), label_set)
-        except LabelSetError as e:
-            raise ApiError(422, str(e)) from None
-        return label_set, use_llm and self.ens.has_llm
+            label_map(await self.ens.model_label_set(), req.label_set)
+            self.ens.resolve_alpha(req.alpha)
+        except (LabelSetError, AlphaError) as e:
+            raise ApiError(422, f"{where}{e}") from None
+        return req.label_set, req.use_llm and self.ens.has_llm
 
     async def _run(self, coro):
         try:
             return await coro
         except MediaError as e:
             raise ApiError(422, str(e)) from None
+
+    @api.get("/", include_in_schema=False)
+    async def index(self) -> HTMLResponse:
+        from mer_ray.serve.page import index_html
+
+        return HTMLResponse(index_html())
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str) -> Response:
+        """A file of the package's ``static/`` folder (the page's assets); 404 for any other name."""
+        path = files("mer_ray.serve") / "static" / name if _STATIC_NAME.match(name) else None
+        if path is None or not path.is_file():
+            raise ApiError(404, f"no static file {name[:80]!r}")
+        return Response(path.read_bytes(), media_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -84,8 +108,8 @@ class Ingress:
                                 available=available_label_sets(m))
 
     async def _recognize(self, req: S.RecognizeRequest) -> dict:
-        label_set, use_llm = await self._labels(req.label_set, req.use_llm)
-        out = await self._run(self.ens.recognize([u.model_dump() for u in req.utterances], use_llm, label_set))
+        label_set, use_llm = await self._options(req)
+        out = await self._run(self.ens.recognize([u.model_dump() for u in req.utterances], use_llm, label_set, req.alpha))
         return S.RecognizeResponse.model_validate(out).model_dump()
 
     async def call(self, route: str, body: bytes, headers: dict | None = None, session_id: str | None = None) -> tuple[int, dict]:
@@ -106,6 +130,7 @@ class Ingress:
                     raise ApiError(422, f"dialogues: {len(req.dialogues)} dialogues is over the limit of {self.cfg.max_dialogues}")
                 for k, d in enumerate(req.dialogues):
                     check_limits(d, self.cfg, where=f"dialogues[{k}].")
+                    await self._options(d, where=f"dialogues[{k}]: ")
                 return 200, {"results": await asyncio.gather(*(self._recognize(d) for d in req.dialogues))}
             if route == "turn":
                 check_sid(session_id or "")
@@ -116,18 +141,22 @@ class Ingress:
 
     async def _turn(self, session_id: str, req: S.TurnRequest) -> dict:
         check_limits(req, self.cfg)
-        label_set, use_llm = await self._labels(req.label_set, req.use_llm)
+        label_set, use_llm = await self._options(req)
         t0 = time.perf_counter()
         row = (await self._run(self.ens.featurize([req.utterance.model_dump()])))[0]
         timing = {"features": (time.perf_counter() - t0) * 1e3}
-        turn, rows = await self.store("append", session_id, row)
-        for k, r in enumerate(rows):  # positions in the kept context
-            r["turn"] = k
-        out = await self.ens.predict_rows(rows, use_llm, label_set, targets=[len(rows) - 1], timing=timing)
+        turn, kept = await self.store("append", session_id, row)
+        # the model's context: the kept turns' features, numbered by position (earlier answers stay in the store)
+        rows = [{**{k: v for k, v in r.items() if k != "prediction"}, "turn": k} for k, r in enumerate(kept)]
+        out = await self.ens.predict_rows(rows, use_llm, label_set, targets=[len(rows) - 1], timing=timing, alpha=req.alpha)
+        u = out["utterances"][0]
+        pred = {"turn": turn, "label_set": out["label_set"], "label": u["label"], "probs": u["probs"]}
+        await self.store("annotate", session_id, turn, pred)
+        speakers = speaker_summary([*kept[:-1], {**kept[-1], "prediction": pred}], out["label_set"])
         timing["total"] = (time.perf_counter() - t0) * 1e3
         return S.TurnResponse.model_validate({
-            "session_id": session_id, "turn": turn, "n_context": len(rows), "label_set": out["label_set"],
-            "labels": out["labels"], "utterance": out["utterances"][0], "timing_ms": timing}).model_dump()
+            "session_id": session_id, "turn": turn, "n_context": len(rows), "speakers": speakers, "utterance": u, "timing_ms": timing,
+            **{k: out[k] for k in ("label_set", "labels", "calibrated", "alpha", "conformal")}}).model_dump()
 
     async def _http(self, request: Request, route: str, session_id: str | None = None) -> JSONResponse:
         check_auth(request.headers, self.api_key)  # before reading a body

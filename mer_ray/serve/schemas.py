@@ -55,6 +55,11 @@ class Utterance(BaseModel):
 class _Options(BaseModel):
     label_set: str | None = Field(None, description="Label set of the answer; default: the model's own. Others need a written-down mapping.")
     use_llm: bool = Field(True, description="False skips the LLM member (vanilla model only, low latency).")
+    alpha: float | None = Field(
+        None, gt=0, lt=1,
+        description="Miscoverage of the prediction sets: each set holds the true label with probability >= 1 - alpha. "
+                    "Default: the calibration's alpha_default; outside the calibration's alpha_range the request is a 422 "
+                    "naming the range. Ignored (the answer says alpha: null) when the models dir has no calibration.")
 
     @field_validator("label_set")
     @classmethod
@@ -77,7 +82,7 @@ class BatchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dialogues: list[RecognizeRequest] = Field(..., min_length=1)
+    dialogues: list[RecognizeRequest] = Field(..., min_length=1, description="The dialogues (at least one), each a /v1/recognize request.")
 
 
 class TurnRequest(_Options):
@@ -85,39 +90,88 @@ class TurnRequest(_Options):
 
     model_config = ConfigDict(extra="forbid")
 
-    utterance: Utterance
+    utterance: Utterance = Field(..., description="The new turn; earlier turns of the session are its context.")
+
+
+Dist = dict[str, float]
 
 
 class UtterancePrediction(BaseModel):
-    label: str = Field(..., description="Argmax of ``probs``.")
-    probs: dict[str, float] = Field(..., description="The ensemble's final distribution.")
-    vanilla: dict[str, float] = Field(..., description="The vanilla model's distribution.")
-    llm: dict[str, float] | None = Field(None, description="The LLM refiner's distribution (mean over its receptive fields); null when the LLM was skipped.")
+    """One utterance's answer: the calibrated distribution, its members and its prediction set."""
+
+    label: str = Field(..., description="Argmax of ``probs`` (calibration never changes it: it is also the argmax of ``probs_uncalibrated``).")
+    probs: Dist = Field(..., description="The ensemble's final distribution, calibrated (temperature scaling fitted on dev) when the "
+                                         "models dir has a calibration; sums to 1.")
+    probs_uncalibrated: Dist = Field(..., description="The same distribution before calibration (equal to ``probs`` without one).")
+    prediction_set: list[str] | None = Field(
+        None, description="Split-conformal prediction set at miscoverage ``alpha``: labels ordered by ``probs``, never empty, always "
+                          "holding ``label``; null when the models dir has no conformal scores for this use_llm value and label set.")
+    vanilla: Dist = Field(..., description="The vanilla model's distribution (calibrated with its own temperature when there is one).")
+    llm: Dist | None = Field(None, description="The LLM refiner's distribution (mean over its receptive fields, calibrated with its own "
+                                               "temperature when there is one); null when the LLM was skipped.")
     receptive_fields: list[list[int]] = Field(
         default_factory=list, description="[first_turn, last_turn] (inclusive, 0-based positions) of each field the LLM saw for this turn."
     )
-    mllm: dict[str, float] | None = Field(None, description="The fine-tuned multimodal LLM's distribution, when that member is deployed.")
+    mllm: Dist | None = Field(None, description="The fine-tuned multimodal LLM's distribution (calibrated with its own temperature when "
+                                                "there is one), when that member is deployed.")
+
+
+class ConformalInfo(BaseModel):
+    """How the prediction sets were made."""
+
+    method: str = Field(..., description="Split-conformal score rule: ``lac`` (marginal) or ``class_conditional_lac`` (per gold label).")
+    alpha_range: tuple[float, float] = Field(..., description="[low, high]: the alphas a request may ask for.")
+
+
+def _calibrated():
+    return Field(..., description="Whether the models dir has a calibration (``calibration.json``); false: ``probs`` equals "
+                                  "``probs_uncalibrated`` and every ``prediction_set`` is null.")
+
+
+def _alpha():
+    return Field(None, description="The miscoverage the prediction sets were made at (the request's, else the calibration's default); "
+                                   "null when no set was made (no calibration, or no conformal scores for this use_llm / label set).")
+
+
+def _conformal():
+    return Field(None, description="The conformal method and supported alpha range; null exactly when ``alpha`` is null.")
 
 
 class RecognizeResponse(BaseModel):
-    label_set: str
-    labels: list[str]
-    utterances: list[UtterancePrediction]
+    label_set: str = Field(..., description="The label set of every distribution in the answer.")
+    labels: list[str] = Field(..., description="That label set's labels, in order.")
+    utterances: list[UtterancePrediction] = Field(..., description="One answer per request utterance, in order.")
+    calibrated: bool = _calibrated()
+    alpha: float | None = _alpha()
+    conformal: ConformalInfo | None = _conformal()
     timing_ms: dict[str, float] = Field(..., description="Wall milliseconds per member, and ``total``.")
 
 
 class BatchResponse(BaseModel):
-    results: list[RecognizeResponse]
+    results: list[RecognizeResponse] = Field(..., description="One answer per dialogue, in the request's order.")
+
+
+class SpeakerSummary(BaseModel):
+    """One speaker's last turns (at most 5, this one included) answered in the response's label set."""
+
+    turns: list[int] = Field(..., description="Their 0-based turn numbers in the session, oldest first.")
+    labels: list[str] = Field(..., description="The label predicted for each of those turns when it arrived.")
+    mean_probs: Dist = Field(..., description="The mean of those turns' ``probs`` (calibrated when the models dir is).")
 
 
 class TurnResponse(BaseModel):
-    session_id: str
+    session_id: str = Field(..., description="The session, as in the path.")
     turn: int = Field(..., description="0-based position of this turn in the session.")
     n_context: int = Field(..., description="Turns (this one included) the prediction used as context.")
-    label_set: str
-    labels: list[str]
-    utterance: UtterancePrediction
-    timing_ms: dict[str, float]
+    label_set: str = Field(..., description="The label set of every distribution in the answer.")
+    labels: list[str] = Field(..., description="That label set's labels, in order.")
+    utterance: UtterancePrediction = Field(..., description="This turn's answer.")
+    speakers: dict[str, SpeakerSummary] = Field(
+        ..., description="Per speaker of the kept turns: their last 5 turns answered in this label set, this one included.")
+    calibrated: bool = _calibrated()
+    alpha: float | None = _alpha()
+    conformal: ConformalInfo | None = _conformal()
+    timing_ms: dict[str, float] = Field(..., description="Wall milliseconds per member, and ``total``.")
 
 
 class LabelsResponse(BaseModel):

@@ -7,7 +7,8 @@ actor is detached, so it outlives the replica that created it, and it is
 restarted by Ray if it dies (``max_restarts=-1``). A file store would need a
 disk shared by every node of a cluster, which Serve does not give; an external
 database (Redis) is one more service to run. The actor keeps only what the next
-turn needs (speaker, text and the extracted feature vectors, never raw media),
+turn needs (speaker, text and the extracted feature vectors, never raw media)
+and each turn's answer when it arrived (``prediction``: the per-speaker summary),
 bounded by ``max_turns`` per session, ``max_sessions`` and an idle TTL. With
 ``persist_dir`` set, each session is also written to disk (atomically), so a
 restarted store actor reloads them.
@@ -63,6 +64,18 @@ class SessionStore:
         self._save(sid)
         return s["n"] - 1, list(s["turns"])
 
+    def annotate(self, sid: str, turn: int, prediction: dict) -> bool:
+        """Keep turn ``turn``'s answer with it (False: the session or that turn is no longer kept)."""
+        s = self._data.get(sid)
+        if s is None:
+            return False
+        k = len(s["turns"]) - (s["n"] - turn)  # turns are kept in order, the newest last
+        if not 0 <= k < len(s["turns"]):
+            return False
+        s["turns"][k] = {**s["turns"][k], "prediction": prediction}
+        self._save(sid)
+        return True
+
     def get(self, sid: str) -> dict | None:
         """``{"n_turns", "turns"}`` of a session, or None."""
         self._expire()
@@ -80,6 +93,29 @@ class SessionStore:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def speaker_summary(turns: list[dict], label_set: str, last: int = 5) -> dict[str, dict]:
+    """Per speaker, their last ``last`` kept turns answered in ``label_set``: ``{turns, labels, mean_probs}``.
+
+    Args:
+        turns: session turn records, oldest first; those without a ``prediction`` (``{turn, label_set, label,
+            probs}``; files written before predictions were kept) are skipped, as are answers in another label set,
+            whose labels could not be averaged with these.
+        label_set: the label set of the current answer.
+        last: turns per speaker.
+    """
+    by: dict[str, list[dict]] = {}
+    for r in turns:
+        p = r.get("prediction")
+        if p and p.get("label_set") == label_set:
+            by.setdefault(r["speaker"], []).append(p)
+    out = {}
+    for speaker, ps in by.items():
+        ps = ps[-last:]
+        out[speaker] = {"turns": [p["turn"] for p in ps], "labels": [p["label"] for p in ps],
+                        "mean_probs": {lab: sum(p["probs"][lab] for p in ps) / len(ps) for lab in ps[-1]["probs"]}}
+    return out
 
 
 def get_store(cfg):

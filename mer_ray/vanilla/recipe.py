@@ -182,6 +182,12 @@ def run_pipeline(cfg: PipelineConfig, data: str | Path, out: str | Path, media_r
              "predictions": {str(s): {k: str(v) for k, v in d.items()} for s, d in paths.items()}}
     report = st.run("eval", evaluate_seeds, table, paths, out, extra)
     report["probe"] = st.run("probe", probe_baseline, store, table, cfg, report)
+    if "dev" in cfg.predict_splits:  # temperatures + conformal scores of the seed average: <out>/models/calibration.json
+        from mer_ray.calibration.calibrate import fit_dir
+        from mer_ray.calibration.sources import gold_from_table
+
+        cal = fit_dir(out / "models", gold=gold_from_table(table), strict=False)  # a tiny dev set: skipped, said so
+        report["calibration"] = cal.temperatures if cal else None
     report["step_seconds"] = st.seconds
     report["wall_seconds"] = round(time.time() - t0, 2)
     (out / "report.json").write_text(json.dumps(report, indent=1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import threading
 import time
 
@@ -17,6 +18,7 @@ import httpx
 import pytest
 
 from tests.integration.serve.test_local_mode import DIALOGUE, MELD7, tiny_models, turn_rows
+from tests.unit.serve.tiny_calibration import ALPHA_RANGE, write_calibration
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PORT = 18431
@@ -28,7 +30,10 @@ SCALE = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "up
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return tiny_models(tmp_path_factory.mktemp("models"))
+    """The tiny models with a calibration.json (the uncalibrated answer is tested in local mode)."""
+    root = tiny_models(tmp_path_factory.mktemp("models"))
+    write_calibration(root)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +79,114 @@ def test_recognize_health_labels_and_openapi_over_http(service):
     assert httpx.get(service + "/docs").status_code == 200
     r = post(service, "/v1/recognize:batch", {"dialogues": [{"utterances": DIALOGUE[:2], "use_llm": False}] * 2})
     assert r.status_code == 200 and [len(x["utterances"]) for x in r.json()["results"]] == [2, 2]
+
+
+def _check_answer(out: dict, alpha: float) -> None:
+    """The calibrated contract of one /v1/recognize answer (or a turn's, with ``utterances`` of one)."""
+    assert out["calibrated"] is True and out["alpha"] == alpha
+    assert out["conformal"] == {"method": "class_conditional_lac", "alpha_range": list(ALPHA_RANGE)}
+    for u in out["utterances"]:
+        assert set(u["probs"]) == set(u["probs_uncalibrated"]) == set(out["labels"])
+        assert abs(sum(u["probs"].values()) - 1) < 1e-9 and abs(sum(u["probs_uncalibrated"].values()) - 1) < 1e-4
+        assert u["label"] == max(u["probs"], key=u["probs"].get) == max(u["probs_uncalibrated"], key=u["probs_uncalibrated"].get)
+        assert u["probs"] != u["probs_uncalibrated"]
+        s = u["prediction_set"]
+        assert s and s[0] == u["label"] and set(s) <= set(out["labels"])
+        assert [u["probs"][k] for k in s] == sorted((u["probs"][k] for k in s), reverse=True)
+
+
+def test_calibrated_answers_prediction_sets_and_alpha_over_http(service):
+    r = post(service, "/v1/recognize", {"utterances": DIALOGUE, "use_llm": False})
+    assert r.status_code == 200, r.text
+    _check_answer(r.json(), 0.1)  # the calibration's default
+    lo, hi = ALPHA_RANGE
+    small, large = (post(service, "/v1/recognize", {"utterances": DIALOGUE, "use_llm": False, "alpha": a}).json() for a in (lo, hi))
+    _check_answer(small, lo)
+    _check_answer(large, hi)
+    assert all(set(a["prediction_set"]) >= set(b["prediction_set"]) for a, b in zip(small["utterances"], large["utterances"]))
+    r = post(service, "/v1/recognize", {"utterances": DIALOGUE, "use_llm": False, "label_set": "meld_sentiment3", "alpha": 0.2})
+    assert r.status_code == 200 and r.json()["labels"] == ["neutral", "positive", "negative"]
+    _check_answer(r.json(), 0.2)
+    r = post(service, "/v1/recognize", {"utterances": DIALOGUE, "use_llm": False, "label_set": "iemocap4"})
+    out = r.json()  # calibrated, but this calibration has no conformal scores for iemocap4
+    assert out["calibrated"] is True and out["alpha"] is None and out["conformal"] is None
+    assert all(u["prediction_set"] is None for u in out["utterances"])
+
+
+@pytest.mark.parametrize("alpha, words", [(0.9, f"alpha 0.9 is outside the range this calibration supports: [{ALPHA_RANGE[0]}, {ALPHA_RANGE[1]}]"),
+                                          (0.01, "alpha 0.01 is outside the range"), (1.5, "alpha: Input should be less than 1"),
+                                          (0, "alpha: Input should be greater than 0"), ("high", "alpha: Input should be a valid number")])
+def test_alpha_outside_the_range_is_a_422_naming_it(service, alpha, words):
+    for path, payload in [("/v1/recognize", {"utterances": DIALOGUE[:1], "alpha": alpha}),
+                          ("/v1/sessions/e2e-alpha/turns", {"utterance": DIALOGUE[0], "alpha": alpha})]:
+        r = post(service, path, payload)
+        assert r.status_code == 422 and words in r.json()["error"], r.text
+    r = post(service, "/v1/recognize:batch", {"dialogues": [{"utterances": DIALOGUE[:1]}, {"utterances": DIALOGUE[:1], "alpha": alpha}]})
+    assert r.status_code == 422 and words in r.json()["error"], r.text
+    if isinstance(alpha, float) and 0 < alpha < 1:
+        assert r.json()["error"].startswith("dialogues[1]: ")
+
+
+def test_batch_dialogues_carry_their_own_alpha_and_label_set(service):
+    r = post(service, "/v1/recognize:batch", {"dialogues": [{"utterances": DIALOGUE, "use_llm": False, "alpha": 0.05},
+                                                            {"utterances": DIALOGUE[:2], "label_set": "meld_sentiment3"}]})
+    assert r.status_code == 200, r.text
+    a, b = r.json()["results"]
+    _check_answer(a, 0.05)
+    _check_answer(b, 0.1)
+    assert b["labels"] == ["neutral", "positive", "negative"]
+
+
+def test_session_turns_carry_the_calibration_and_each_speakers_last_five_turns(service):
+    speakers = ["Ross", "Ross", "Rachel", "Ross", "Ross", "Ross", "Ross"]
+    seen = []
+    for i, spk in enumerate(speakers):
+        r = post(service, "/v1/sessions/e2e-speakers/turns", {"utterance": {"speaker": spk, "text": f"line {i}, about the break"},
+                                                             "use_llm": False, "alpha": 0.2})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["turn"] == i
+        _check_answer({**out, "utterances": [out["utterance"]]}, 0.2)
+        seen.append(out["utterance"])
+    ross = [1, 3, 4, 5, 6]  # the last 5 of Ross's 6 turns
+    assert set(out["speakers"]) == {"Ross", "Rachel"}
+    assert out["speakers"]["Ross"]["turns"] == ross and out["speakers"]["Rachel"]["turns"] == [2]
+    assert out["speakers"]["Ross"]["labels"] == [seen[t]["label"] for t in ross]
+    for k in MELD7:
+        assert out["speakers"]["Ross"]["mean_probs"][k] == pytest.approx(sum(seen[t]["probs"][k] for t in ross) / 5, abs=1e-12)
+    assert out["speakers"]["Rachel"]["mean_probs"] == seen[2]["probs"]
+
+
+_ASSETS = re.compile(r"<(?:script|link|img|iframe|source)\b[^>]*?\b(?:src|href)\s*=\s*[\"']([^\"']+)[\"']", re.I)
+
+
+def _assets_are_served_here(service: str, page: str) -> list[str]:
+    r = httpx.get(service + page)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), r.text[:200]
+    refs = _ASSETS.findall(r.text)
+    off = [u for u in refs if re.match(r"^(?:[a-z][a-z0-9+.-]*:)?//", u, re.I) and not u.startswith(service)]
+    assert off == [], f"{page} loads assets from off the server: {off}"
+    for u in refs:
+        got = httpx.get(str(httpx.URL(service + page).join(u)))
+        assert got.status_code == 200 and got.content, (page, u, got.status_code)
+    return refs
+
+
+def test_docs_load_no_asset_from_a_cdn(service):
+    refs = _assets_are_served_here(service, "/docs")
+    assert any(u.endswith("swagger-ui-bundle.js") for u in refs) and any(u.endswith(".css") for u in refs)
+    assert "validatorUrl" in httpx.get(service + "/docs").text  # Swagger UI's online validator is off
+    assert any(u.endswith("redoc.standalone.js") for u in _assets_are_served_here(service, "/redoc"))
+
+
+def test_the_page_and_its_static_files_are_served(service):
+    _assets_are_served_here(service, "/")
+    r = httpx.get(service + "/static/index.html")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    for bad in ("/static/nope.js", "/static/.hidden", "/static/%2E%2E", "/static/..%2Fpage.py", "/static/..%2F..%2Fpyproject.toml"):
+        r = httpx.get(service + bad)
+        assert r.status_code == 404, (bad, r.status_code, r.text[:200])
+    assert "no static file 'nope.js'" in httpx.get(service + "/static/nope.js").json()["error"]
 
 
 def _chunks(n: int):
@@ -155,7 +268,7 @@ def test_session_survives_an_ingress_restart_and_a_store_restart(service, models
     # the predictor on the session's rows (each utterance featurized alone when its turn arrived, the
     # replicas' one torch thread, features kept exactly through the persisted JSON): bit for bit
     want = VanillaPredictor.from_dir(models / "vanilla", num_threads=1).predict_dialogue(turn_rows(DIALOGUE))["emotion_probs"][2]
-    assert [r.json()["utterance"]["probs"][k] for k in MELD7] == [float(x) for x in want]
+    assert [r.json()["utterance"]["probs_uncalibrated"][k] for k in MELD7] == [float(x) for x in want]  # before calibration
 
 
 def test_autoscaling_adds_a_featurizer_replica_under_load_and_removes_it_after(service):

@@ -110,8 +110,11 @@ def test_recognize_returns_distributions_per_utterance(handle):
     assert status == 200, out
     assert out["label_set"] == "meld7" and out["labels"] == MELD7
     assert len(out["utterances"]) == 3
+    # a models dir without calibration.json: uncalibrated, no prediction sets
+    assert out["calibrated"] is False and out["alpha"] is None and out["conformal"] is None
     for u in out["utterances"]:
-        assert set(u) == {"label", "probs", "vanilla", "llm", "receptive_fields", "mllm"}
+        assert set(u) == {"label", "probs", "probs_uncalibrated", "prediction_set", "vanilla", "llm", "receptive_fields", "mllm"}
+        assert u["prediction_set"] is None and u["probs"] == u["probs_uncalibrated"]
         # float32 softmax over 7 classes (each p within a few ulp), summed in float64: |sum - 1| < 1e-6
         assert list(u["probs"]) == MELD7 and abs(sum(u["probs"].values()) - 1) < 1e-4
         assert u["label"] == max(u["probs"], key=u["probs"].get)
@@ -237,12 +240,18 @@ def test_session_turns_use_earlier_turns_as_context(handle, models):
     from mer_ray.vanilla.predict import VanillaPredictor
 
     sid = "test-session-1"
-    got = []
+    got, labels = [], []
     for i, u in enumerate(DIALOGUE):
         status, out = call(handle, "turn", {"utterance": u, "use_llm": False}, sid=sid)
         assert status == 200, out
         assert out["turn"] == i and out["n_context"] == i + 1
+        assert out["calibrated"] is False and out["alpha"] is None and out["utterance"]["prediction_set"] is None
         got.append(out["utterance"]["probs"])
+        labels.append(out["utterance"]["label"])
+    # each speaker's turns so far, with the label each got when it arrived and the mean of their probs
+    assert out["speakers"] == {"Ross": {"turns": [0, 2], "labels": [labels[0], labels[2]],
+                                        "mean_probs": {k: pytest.approx((got[0][k] + got[2][k]) / 2) for k in MELD7}},
+                               "Rachel": {"turns": [1], "labels": [labels[1]], "mean_probs": got[1]}}
     # the last turn, predicted with its context, equals the predictor on the whole dialogue's rows, each
     # featurized when its turn arrived (a MiniLM batch of one, as the session does; a batch of three
     # would run other matrix shapes and round differently)
@@ -264,13 +273,15 @@ def test_openapi_request_schemas_match_the_models():
     assert {"/v1/recognize", "/v1/recognize:batch", "/healthz", "/v1/labels", "/v1/sessions/{session_id}/turns"} <= set(spec["paths"])
     comps = spec["components"]["schemas"]
     assert set(comps["Utterance"]["properties"]) == {"speaker", "text", "video_b64", "audio_b64"}
-    assert set(comps["RecognizeRequest"]["properties"]) == {"utterances", "label_set", "use_llm"}
+    assert set(comps["RecognizeRequest"]["properties"]) == {"utterances", "label_set", "use_llm", "alpha"}
     assert comps["RecognizeRequest"]["additionalProperties"] is False
     body_ref = spec["paths"]["/v1/recognize"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     assert body_ref.endswith("/RecognizeRequest")
     resp = spec["paths"]["/v1/recognize"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
-    assert set(comps[resp.split("/")[-1]]["properties"]) == set(S.RecognizeResponse.model_fields) == {"label_set", "labels", "utterances", "timing_ms"}
-    assert set(comps["UtterancePrediction"]["properties"]) >= {"label", "probs", "vanilla", "llm", "receptive_fields"}
+    assert set(comps[resp.split("/")[-1]]["properties"]) == set(S.RecognizeResponse.model_fields) == {
+        "label_set", "labels", "utterances", "calibrated", "alpha", "conformal", "timing_ms"}
+    assert set(comps["UtterancePrediction"]["properties"]) >= {"label", "probs", "probs_uncalibrated", "prediction_set", "vanilla",
+                                                               "llm", "receptive_fields"}
 
 
 def test_api_key_is_checked_when_configured(handle):

@@ -1,0 +1,1 @@
+"""Calibrated probabilities (temperature scaling) and split-conformal prediction sets, fitted on dev."""
