@@ -24,12 +24,21 @@ def recognize(url: str = "http://127.0.0.1:8000", use_llm: bool = True, api_key:
         raise RuntimeError(f"{url}/v1/recognize answered {r.status_code}: {r.text[:500]}")
     out = r.json()
     if echo:
-        print(f"POST {url.rstrip('/')}/v1/recognize  (label set {out['label_set']}, use_llm={use_llm})")
-        for u, p in zip(utterances, out["utterances"]):
-            top = sorted(p["probs"].items(), key=lambda kv: -kv[1])[:2]
-            extra = f"  llm fields {p['receptive_fields']}" if p["llm"] is not None else ""
-            print(f"  {u['speaker']:>7}: {u['text'][:58]:<58} -> {p['label']:<8} "
-                  + " ".join(f"{k} {v:.2f}" for k, v in top) + extra)
-        print("  timing_ms: " + ", ".join(f"{k} {v:.0f}" for k, v in out["timing_ms"].items()))
-        print(f"Service: {url}   API docs: {url.rstrip('/')}/docs   OpenAPI: {url.rstrip('/')}/openapi.json")
+        print(format_answer(url, utterances, out, use_llm))
     return out
+
+
+def format_answer(url: str, utterances: list[dict], out: dict, use_llm: bool) -> str:
+    """A person's view of a ``/v1/recognize`` answer: each turn's label, top two probabilities, prediction set."""
+    base = url.rstrip("/")
+    cal = f"calibrated, prediction sets at alpha {out['alpha']}" if out.get("alpha") is not None else (
+        "calibrated, no prediction sets" if out.get("calibrated") else "uncalibrated (no calibration.json): no prediction sets")
+    lines = [f"POST {base}/v1/recognize  (label set {out['label_set']}, use_llm={use_llm}; {cal})"]
+    for u, p in zip(utterances, out["utterances"]):
+        top = sorted(p["probs"].items(), key=lambda kv: -kv[1])[:2]
+        extra = f"  set {{{', '.join(p['prediction_set'])}}}" if p.get("prediction_set") else ""
+        extra += f"  llm fields {p['receptive_fields']}" if p["llm"] is not None else ""
+        lines.append(f"  {u['speaker']:>7}: {u['text'][:58]:<58} -> {p['label']:<8} " + " ".join(f"{k} {v:.2f}" for k, v in top) + extra)
+    lines.append("  timing_ms: " + ", ".join(f"{k} {v:.0f}" for k, v in out["timing_ms"].items()))
+    lines.append(f"Service: {base}   page: {base}/   API docs: {base}/docs   OpenAPI: {base}/openapi.json")
+    return "\n".join(lines)
