@@ -22,7 +22,7 @@ import numpy as np
 from mer_ray.calibration.artifacts import Calibration, ConformalScores
 from mer_ray.calibration.conformal import alpha_floor, lac_scores
 from mer_ray.calibration.temperature import crossfit_temperature, fit_temperature
-from mer_ray.data.labelmap import project
+from mer_ray.data.labelmap import mapping_matrix, project
 from mer_ray.data.labels import LABEL_SETS, MAPPINGS
 
 METHODS = ("class_conditional_lac", "lac")
@@ -43,20 +43,16 @@ def reachable_label_sets(label_set: str, labels: Sequence[str]) -> dict[str, tup
     """Every label set a request may ask for: ``{name: (labels [C'], projection [C, C'] or None, gold map)}``.
 
     The projection sums model-label mass into the target labels (a label mapped to ``None`` drops
-    out); :func:`mer_ray.data.labelmap.project` then renormalises. That is the same sum-then-renormalise
-    as Serve's ``label_map``/``_as_dist`` (``mer_ray.serve.ensemble``), rebuilt here because imports run
-    one way (Serve imports calibration). The gold map sends a model label to its target (or ``None``).
+    out); :func:`mer_ray.data.labelmap.project` then renormalises: the same two functions Serve's
+    ``label_map`` uses, so sets are calibrated on exactly what Serve answers. The gold map sends a model
+    label to its target (or ``None``).
     """
     out: dict[str, tuple[list[str], np.ndarray | None, dict]] = {label_set: (list(labels), None, {lab: lab for lab in labels})}
     for (src, tgt), mapping in sorted(MAPPINGS.items()):
         if src != label_set:
             continue
         tgt_labels = list(LABEL_SETS[tgt].labels)
-        proj = np.zeros((len(labels), len(tgt_labels)))
-        for i, lab in enumerate(labels):
-            if mapping.get(lab) is not None:
-                proj[i, tgt_labels.index(mapping[lab])] = 1.0
-        out[tgt] = (tgt_labels, proj, dict(mapping))
+        out[tgt] = (tgt_labels, mapping_matrix(labels, tgt_labels, mapping), dict(mapping))
     return out
 
 

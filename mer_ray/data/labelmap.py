@@ -50,6 +50,16 @@ class LabelMap:
         return project(probs, self.projection(model_labels))
 
 
+def mapping_matrix(source_labels: Sequence[str], target_labels: Sequence[str], mapping: dict[str, str | None]) -> np.ndarray:
+    """``[C, C']`` with 1 where ``mapping`` (a written-down ``MAPPINGS`` entry) sends a source label; None drops out."""
+    target_labels = list(target_labels)
+    proj = np.zeros((len(source_labels), len(target_labels)), dtype=np.float64)
+    for i, lab in enumerate(source_labels):
+        if mapping.get(lab) is not None:
+            proj[i, target_labels.index(mapping[lab])] = 1.0
+    return proj
+
+
 def project(probs: np.ndarray, proj: np.ndarray) -> np.ndarray:
     """``[N, C] @ [C, C']``, each row renormalised; a row with no mass left becomes uniform."""
     p = np.asarray(probs, dtype=np.float64).reshape(-1, proj.shape[0]) @ proj

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mer_ray.data.labelmap import project
+from mer_ray.data.labelmap import mapping_matrix, project
 from mer_ray.data.labels import MAPPINGS, get_label_set
 
 if TYPE_CHECKING:
@@ -40,12 +40,8 @@ def label_map(model_set: str, target: str | None) -> tuple[str, list[str], np.nd
         ok = [model_set] + sorted(t for s, t in MAPPINGS if s == model_set)
         raise LabelSetError(f"label_set {target!r} cannot be answered: the model predicts {model_set!r}, "
                             f"and there is no written-down mapping to {target!r}; available: {ok}")
-    src, tgt = get_label_set(model_set).labels, list(get_label_set(target).labels)
-    proj = np.zeros((len(src), len(tgt)), dtype=np.float64)
-    for i, lab in enumerate(src):
-        if mapping.get(lab) is not None:
-            proj[i, tgt.index(mapping[lab])] = 1.0
-    return target, tgt, proj
+    tgt = list(get_label_set(target).labels)
+    return target, tgt, mapping_matrix(get_label_set(model_set).labels, tgt, mapping)
 
 
 def _project(p, proj: np.ndarray | None) -> np.ndarray:
