@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from mer_ray.config import StrictModel
+from mer_ray.lantern.http_backend import HttpBackendConfig
 from mer_ray.lantern.queries import parse_sizes
 from mer_ray.llm.backends import BackendConfig
 from mer_ray.llm.prompts import DEFAULT_TEMPLATE
@@ -22,7 +25,9 @@ class PromptJobConfig(StrictModel):
     template: str = Field(DEFAULT_TEMPLATE, description="prompt template name or .j2 path")
     few_shot: int = Field(0, ge=0, description="k labelled examples from train (needs data_dir)")
     data_dir: str | None = Field(None, description="MELD directory, for few-shot examples from train")
-    backend: BackendConfig = Field(default_factory=BackendConfig, description="the LLM")
+    backend: BackendConfig | Literal["ray_data_http"] = Field(
+        default_factory=BackendConfig, description="the LLM in an actor pool, or 'ray_data_http' (see http)")
+    http: HttpBackendConfig | None = Field(None, description="backend ray_data_http: the server and the processor")
     actors: int = Field(1, ge=1, description="LLM engines in the actor pool")
     cpus_per_actor: float = Field(1.0, gt=0, description="Ray CPUs reserved per engine")
     ray_cpus: int = Field(2, ge=1, description="CPUs of the local Ray instance started if none is running")
@@ -32,6 +37,14 @@ class PromptJobConfig(StrictModel):
     @classmethod
     def _sizes(cls, v):
         return parse_sizes(v)
+
+    @model_validator(mode="after")
+    def _http(self):
+        if self.backend == "ray_data_http" and self.http is None:
+            self.http = HttpBackendConfig()
+        if self.backend != "ray_data_http" and self.http is not None:
+            raise ValueError("http: settings are for backend: ray_data_http only")
+        return self
 
 
 class FuseConfig(StrictModel):

@@ -95,7 +95,8 @@ def _groups(queries: pa.Table, max_group: int) -> list[dict]:
     return groups
 
 
-def _write_part(out_dir: Path, table: pa.Table, run_id: str, idx: int) -> int:
+def write_part(out_dir: Path, table: pa.Table, run_id: str, idx: int) -> int:
+    """Write one result part atomically; returns its rows."""
     table = table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
     final = out_dir / "parts" / f"part-{run_id}-{idx:05d}.parquet"
     tmp = final.with_suffix(".tmp")
@@ -135,13 +136,17 @@ def run_prompt_job(queries: pa.Table, out_dir: str | Path, backend: dict, labels
 
             bar = tqdm(total=todo.num_rows, desc="lantern prompts", unit="q")
         for i, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
-            n = _write_part(out_dir, batch, run_id, i)
+            n = write_part(out_dir, batch, run_id, i)
             n_written += n
             if bar:
                 bar.update(n)
         if bar:
             bar.close()
-    wall = time.perf_counter() - t0
+    return summarise(queries, out_dir, todo, n_written, time.perf_counter() - t0)
+
+
+def summarise(queries: pa.Table, out_dir: Path, todo: pa.Table, n_written: int, wall: float) -> dict:
+    """Count every query of ``queries`` as ok, failed or missing; writes and returns ``summary.json``."""
     res = read_results(out_dir)
     status = dict(zip(res["query_id"].to_pylist(), res["status"].to_pylist()))
     errors: dict[str, int] = {}

@@ -18,7 +18,10 @@ def make_queries(cfg: PromptJobConfig) -> tuple[pa.Table, list[str]]:
     """The query table (content-free query included) and the label strings to score."""
     van, labels, _ = read_vanilla(cfg.vanilla)
     template = PromptTemplate.load(cfg.template)
-    chat_t, bos, eos = prompt_format_for(cfg.backend)
+    if cfg.backend == "ray_data_http":  # the served model's GGUF renders its prompts
+        chat_t, bos, eos = prompt_format_for({"kind": "llama_cpp", "model": cfg.http.tokenizer, "chat": cfg.http.chat})
+    else:
+        chat_t, bos, eos = prompt_format_for(cfg.backend)
     examples = None
     if cfg.few_shot:
         if not cfg.data_dir:
@@ -58,14 +61,22 @@ def prompt_main(cfg: PromptJobConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     # what decides a query's prompt and scores; engines and scope may change between resumes
-    key = {**cfg.model_dump(include={"vanilla", "sizes", "stride", "template", "few_shot", "seed"}),
-           "backend": cfg.backend.model_dump(include={"kind", "model", "gguf_file", "base_url", "chat", "http_mode"})}
+    key = {**cfg.model_dump(include={"vanilla", "sizes", "stride", "template", "few_shot", "seed"})}
+    if cfg.backend == "ray_data_http":
+        key["backend"] = {"kind": "ray_data_http", **cfg.http.model_dump(include={"base_url", "model", "tokenizer", "chat", "mode"})}
+    else:
+        key["backend"] = cfg.backend.model_dump(include={"kind", "model", "gguf_file", "base_url", "chat", "http_mode"})
     saved = out / "job.json"
     if saved.exists() and _differs(json.loads(saved.read_text()), json.loads(json.dumps(key))):
         raise ValueError(f"{out} holds a run with other settings ({saved}); use another --out")
     saved.write_text(json.dumps(key, indent=2))
     queries, labels = make_queries(cfg)
-    summary = run_prompt_job(queries, out, cfg.backend.model_dump(), labels, num_actors=cfg.actors,
-                             cpus_per_actor=cfg.cpus_per_actor)
+    if cfg.backend == "ray_data_http":
+        from mer_ray.lantern.http_backend import run_http_prompt_job
+
+        summary = run_http_prompt_job(queries, out, cfg.http, labels)
+    else:
+        summary = run_prompt_job(queries, out, cfg.backend.model_dump(), labels, num_actors=cfg.actors,
+                                 cpus_per_actor=cfg.cpus_per_actor)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
