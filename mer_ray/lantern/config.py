@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from mer_ray.config import StrictModel
 from mer_ray.lantern.http_backend import HttpBackendConfig
 from mer_ray.lantern.queries import parse_sizes
 from mer_ray.llm.backends import BackendConfig
 from mer_ray.llm.prompts import DEFAULT_TEMPLATE
+
+#: An engine config, or the string ``ray_data_http``. Tagged, so that a typo in an engine config is reported
+#: against the engine's keys alone (``backend.engine.n_tread: unknown key``), not also as "not 'ray_data_http'".
+_Backend = Annotated[Annotated[BackendConfig, Tag("engine")] | Annotated[Literal["ray_data_http"], Tag("ray_data_http")],
+                     Discriminator(lambda v: "ray_data_http" if v == "ray_data_http" else "engine")]
 
 
 class PromptJobConfig(StrictModel):
@@ -25,7 +30,7 @@ class PromptJobConfig(StrictModel):
     template: str = Field(DEFAULT_TEMPLATE, description="prompt template name or .j2 path")
     few_shot: int = Field(0, ge=0, description="k labelled examples from train (needs data_dir)")
     data_dir: str | None = Field(None, description="MELD directory, for few-shot examples from train")
-    backend: BackendConfig | Literal["ray_data_http"] = Field(
+    backend: _Backend = Field(
         default_factory=BackendConfig, description="the LLM in an actor pool, or 'ray_data_http' (see http)")
     http: HttpBackendConfig | None = Field(None, description="backend ray_data_http: the server and the processor")
     actors: int = Field(1, ge=1, description="LLM engines in the actor pool")

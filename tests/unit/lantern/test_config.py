@@ -15,5 +15,5 @@ def test_shipped_lantern_yamls_validate():
     assert p.sizes == [4, None] and p.backend.model == "gemma3-270m" and p.backend.kind == "llama_cpp"
     f = load(FuseConfig, JOBS / "lantern_fuse.yaml", {"vanilla": "v.parquet", "llm": ["a"], "out": "o"})
     assert f.folds == 5 and f.llm == ["a"]
-    for path in JOBS.glob("lantern_*.yaml"):
-        assert path.read_text().startswith("# mer lantern "), path
+    for path in JOBS.glob("lantern_*.yaml"):  # the vLLM file is config only (tests/unit/lantern/test_vllm_config.py)
+        assert path.read_text().startswith("# mer lantern " if "vllm" not in path.name else "# no command runs this file here"), path
