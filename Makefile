@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # llama-cpp-python compiles llama.cpp; pip caches the wheel, built once per machine.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast test-chaos bench clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml Makefile
 	@test -x /usr/bin/chromium || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q chromium >/dev/null \
 	  || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; } \
 	  || echo "chromium not installed (needs root and apt-get): tests/browser will try again, or skip saying why"
+	# The shared session store's test (sessions.backend: redis) runs Debian's redis-server; same rule as Chromium.
+	@command -v redis-server >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q redis-server >/dev/null \
+	  || { apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; }; } \
+	  || echo "redis-server not installed (needs root and apt-get): the Redis session test will try again, or skip saying why"
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -40,6 +44,10 @@ test: $(STAMP)
 	# earlier in the same process leaves uvicorn state that breaks pickling the ingress class
 	# (measured: see docs/architecture.md, "Tests").
 	$(BIN)/python -m pytest -m "not gpu" -q --timeout=900 tests/integration/serve/test_http.py
+
+# Fault injection only: processes, workers and nodes killed mid-run (docs/fault_tolerance.md).
+test-chaos: $(STAMP)
+	$(BIN)/python -m pytest -m chaos -q --timeout=900 --durations=15 tests
 
 test-fast: $(STAMP)
 	$(BIN)/ruff check mer_ray tests jobs
