@@ -58,8 +58,6 @@ def load_artifacts(art_dir: str | Path, base: str | None = None) -> tuple[Multim
     Args:
         base: override the base model recorded in the JSON (a moved directory).
     """
-    from safetensors.torch import load_file
-
     art_dir = Path(art_dir)
     meta = read_meta(art_dir)
     cfg = ModelConfig(**{**meta["model"], "lora": None, **({"base": base} if base else {})})
@@ -68,13 +66,24 @@ def load_artifacts(art_dir: str | Path, base: str | None = None) -> tuple[Multim
         from peft import PeftModel
 
         lm = PeftModel.from_pretrained(lm, str(art_dir / "adapter"))
+    model = MultimodalLM(lm, load_projectors(art_dir, cfg, lm)).eval()
+    model.requires_grad_(False)
+    return model, tok, meta
+
+
+def load_projectors(art_dir: str | Path, cfg: ModelConfig, lm) -> torch.nn.ModuleDict:
+    """The projectors of ``art_dir`` (``projectors.safetensors``), sized for ``lm``'s hidden width.
+
+    Raises:
+        ValueError: the saved weights do not fit ``cfg.projectors`` (the message names the keys).
+    """
+    from safetensors.torch import load_file
+
     hidden = lm.get_input_embeddings().weight.shape[1]
     projectors = build_projectors(cfg.projectors, hidden, embed_scale_of(lm)).to(getattr(torch, cfg.dtype))
     if cfg.projectors:
-        missing, unexpected = projectors.load_state_dict(load_file(str(art_dir / "projectors.safetensors")), strict=False)
+        missing, unexpected = projectors.load_state_dict(load_file(str(Path(art_dir) / "projectors.safetensors")), strict=False)
         # Only a projector saved before feature scaling existed lacks its scaler (it stays the identity).
         if unexpected or [k for k in missing if ".norm." not in k]:
             raise ValueError(f"{art_dir}: projector weights do not fit (missing {missing}, unexpected {unexpected})")
-    model = MultimodalLM(lm, projectors).eval()
-    model.requires_grad_(False)
-    return model, tok, meta
+    return projectors.requires_grad_(False)

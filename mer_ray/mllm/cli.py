@@ -18,12 +18,24 @@ def finetune(
     address: str | None = typer.Option(None, help="Ray address to attach to (default: the config's ray.address, else a new local instance)."),
     eval_only: Path | None = typer.Option(None, help="Skip training: evaluate this fine-tuned directory (and the baselines)."),
     no_eval: bool = typer.Option(False, help="Skip the evaluation after training."),
+    adapter_name: str | None = typer.Option(None, help="Also install the result as adapter NAME of --models "
+                                            "(<models>/mllm/adapters/NAME/), served by name on one endpoint."),
+    models: Path | None = typer.Option(None, help="An existing models directory (with --adapter-name)."),
+    overwrite: bool = typer.Option(False, help="Replace an adapter of the same name."),
 ):
     """Fine-tune the LLM + projectors with Ray Train + DeepSpeed, then evaluate on eval.splits (out/eval.json, out/eval.png)."""
     from mer_ray.config import load
     from mer_ray.mllm.config import FinetuneConfig
 
     cfg = load(FinetuneConfig, config, set_)
+    if adapter_name is not None:  # checked before hours of training, not after
+        from mer_ray.mllm.adapters import adapters_root, check_name
+
+        check_name(adapter_name)
+        if models is None or not models.is_dir():
+            raise typer.BadParameter(f"--adapter-name needs --models, an existing models directory (got {models})")
+        if (adapters_root(models) / adapter_name).exists() and not overwrite:
+            raise typer.BadParameter(f"adapter {adapter_name!r} exists in {models}; pass --overwrite to replace it")
     res: dict = {}
     if eval_only is None:
         import ray
@@ -47,6 +59,11 @@ def finetune(
         res = run_eval(cfg, art, out_dir / "eval.json", device=cfg.eval.resolved_device())
         _plot(res, out_dir / "eval.png")
         typer.echo(json.dumps(_headline(res), indent=1))
+    if adapter_name is not None:
+        from mer_ray.mllm.adapters import install_adapter
+
+        dest = install_adapter(eval_only or Path(cfg.out), models, adapter_name, overwrite=overwrite)
+        typer.echo(f"adapter {adapter_name!r} installed at {dest} (serve it: mer serve --models {models})")
 
 
 def _headline(res: dict) -> dict:

@@ -61,3 +61,26 @@ def build_tiny_lm(out: str | Path, family: str = "gemma3", hidden: int = 32, lay
         raise ValueError(f"tiny LM family must be 'gemma3' or 'llama', got {family!r}")
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     return out
+
+
+def build_tiny_finetuned(base: str | Path, out: str | Path, label_set: str = "meld7", seed: int = 0, lora: bool = True) -> Path:
+    """A fine-tuned directory as ``mer finetune`` writes it, on the tiny ``base``, without training (tests, smoke runs).
+
+    Its LoRA B matrices are drawn at random (peft starts them at 0, which would make every adapter the base
+    model), so two directories with different seeds really answer differently.
+    """
+    from mer_ray.data.labels import get_label_set
+    from mer_ray.mllm.artifacts import save_artifacts
+    from mer_ray.mllm.build import ModelConfig, build_mllm
+    from mer_ray.mllm.examples import PromptConfig
+
+    cfg = ModelConfig(base=str(base), label_set=label_set, **({} if lora else {"lora": None}))
+    model, _ = build_mllm(cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    meta = {"labels": list(get_label_set(label_set).labels), "label_set": label_set, "model": cfg.model_dump(),
+            "prompt": PromptConfig().model_dump(), "shots": [], "template_version": "farcer-v1", "base_model": cfg.base}
+    return save_artifacts(out, model.state_dict(), model, meta)
