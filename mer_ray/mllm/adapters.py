@@ -1,7 +1,7 @@
 """Named fine-tuned adapters on one base LLM: ``<models>/mllm/adapters/<name>/``, each a fine-tuned directory.
 
-An adapter directory is what ``mer finetune`` writes (``adapter/`` LoRA when trained,
-``projectors.safetensors``, ``mer_mllm.json``) plus, optionally, its own ``calibration.json``.
+An adapter directory is what ``mer finetune`` writes (see :mod:`mer_ray.mllm.artifacts`) plus,
+optionally, its own ``calibration.json``.
 Each carries its own label set, so one endpoint can serve a call-centre adapter and a
 TV-dialogue adapter side by side.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mer_ray.mllm.artifacts import META_FILE, read_meta
+from mer_ray.mllm.artifacts import ARTIFACT_FILES, META_FILE, read_meta
 
 #: Adapter names: a URL-, header- and path-safe token (it becomes a directory and a peft adapter name).
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -76,8 +76,7 @@ def install_adapter(src: str | Path, models_dir: str | Path, name: str, overwrit
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    keep = ("adapter", "projectors.safetensors", META_FILE, "calibration.json")
-    shutil.copytree(src, tmp, ignore=lambda d, names: [] if Path(d) != Path(src) else [n for n in names if n not in keep])
+    shutil.copytree(src, tmp, ignore=lambda d, names: [] if Path(d) != Path(src) else [n for n in names if n not in ARTIFACT_FILES])
     old = dest.parent / f".{name}.old{os.getpid()}"
     if dest.exists():
         os.replace(dest, old)

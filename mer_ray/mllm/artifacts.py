@@ -18,6 +18,8 @@ from mer_ray.mllm.model import MultimodalLM
 from mer_ray.mllm.projector import build_projectors, embed_scale_of
 
 META_FILE = "mer_mllm.json"
+#: Everything a fine-tuned directory holds that loading reads (``calibration.json`` is optional).
+ARTIFACT_FILES = ("adapter", "projectors.safetensors", META_FILE, "calibration.json")
 
 
 def read_meta(art_dir: str | Path) -> dict:

@@ -26,7 +26,7 @@ def models(tmp_path_factory):
 
 
 def test_choose_adapter_rules():
-    from mer_ray.serve.adapters import AdapterChoiceError, choose_adapter
+    from mer_ray.serve.multiplexed import AdapterChoiceError, choose_adapter
 
     known = {"calls": "iemocap4", "tv": "meld7"}
     assert choose_adapter(None, None, known) is None
@@ -41,7 +41,7 @@ def test_multiplexed_adapters_answer_in_their_labels_and_reload_identically(ray_
     from ray import serve
 
     from mer_ray.mllm.adapters import AdapterHost
-    from mer_ray.serve.adapters import adapters_deployment
+    from mer_ray.serve.multiplexed import adapters_deployment
 
     alone = {n: AdapterHost(models).load(n).predict(ROWS, calibrated=False) for n in ("tv", "calls")}
     h = serve.run(adapters_deployment(max_num_models_per_replica=1).options(ray_actor_options={"num_cpus": 0.5}).bind(str(models)),
