@@ -29,10 +29,16 @@ class TextStage:
             self.model = minilm()
         self.model.to(device)
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """Embeddings [n, 384] float32 of ``texts`` (None counts as empty)."""
+    def encode(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
+        """Embeddings [n, 384] float32 of ``texts`` (None counts as empty).
+
+        ``batch_size``: texts per padded forward pass; sentence-transformers sorts the texts by length first,
+        so each pass pads to about its own length (None: all in one pass, what extraction does).
+        """
         texts = ["" if t is None else str(t) for t in texts]
-        return np.asarray(self.model.encode(texts, batch_size=len(texts) or 1, convert_to_numpy=True), dtype=np.float32)
+        bs = batch_size or len(texts) or 1
+        return np.asarray(self.model.encode(texts, batch_size=bs, convert_to_numpy=True, show_progress_bar=False),
+                          dtype=np.float32)
 
     def __call__(self, batch: dict) -> dict:
         emb = self.encode(list(batch["text"]))

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import threading
+from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -136,7 +137,10 @@ class AdapterHost:
         self.models_dir, self.batch_size, self.base = Path(models_dir), batch_size, base
         self.lm = self.tok = None
         self.dtype: str | None = None
-        self.stale: set[str] = set()  # peft adapters no LoadedAdapter uses any more
+        # peft adapters no LoadedAdapter uses any more. A deque, and only appended to by unload(): __del__ runs
+        # whenever the garbage collector fires, even inside peft's own loops over the model's modules on this
+        # thread, so it must never change the model; the weights are deleted at the next load, at a safe point.
+        self.stale: deque[str] = deque()
         self._n = 0
         self.lock = threading.RLock()  # one forward pass at a time: the active adapter is state of the shared model
 
@@ -218,15 +222,20 @@ class AdapterHost:
         return _Active()
 
     def unload(self, peft_name: str | None) -> None:
-        """Free one loaded adapter's LoRA weights (None: a projector-only adapter, nothing to free)."""
+        """Mark one loaded adapter's LoRA weights free (None: a projector-only adapter, nothing to free).
+
+        Safe from ``__del__`` at any instant: it only appends to a deque; :meth:`load` deletes the weights.
+        """
         if peft_name:
-            with self.lock:
-                self.stale.add(peft_name)
-                self._drop_stale()
+            self.stale.append(peft_name)
 
     def _drop_stale(self) -> None:
-        # peft cannot delete its last adapter (the model would have none); that one goes at the next load
-        for n in sorted(self.stale):
-            if len(self.lm.peft_config) > 1:
+        # peft cannot delete its last adapter (the model would have none); that one waits for the next load
+        keep = []
+        while self.stale:
+            n = self.stale.popleft()
+            if n in self.lm.peft_config and len(self.lm.peft_config) > 1:
                 self.lm.delete_adapter(n)
-                self.stale.discard(n)
+            elif n in self.lm.peft_config:
+                keep.append(n)
+        self.stale.extend(keep)

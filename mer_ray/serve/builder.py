@@ -14,10 +14,13 @@ from mer_ray.config import load
 from mer_ray.serve.config import ServeConfig
 
 #: ``FinetunedLLM`` options apply to every fine-tuned member of an ``mer ensemble`` run (``FinetunedLLM_<member>``).
-DEPLOYMENTS = ("Ingress", "Featurizer", "Vanilla", "LLMRefiner", "Fusion", "MLLM", "FinetunedLLM", "EnsembleFusion")
+DEPLOYMENTS = ("Ingress", "Featurizer", "Vanilla", "FeaturizerVanilla", "LLMRefiner", "Fusion", "MLLM", "FinetunedLLM",
+               "EnsembleFusion")
+#: The text-model deployments each layout deploys (``ServeConfig.layout``).
+LAYOUT_DEPLOYMENTS = {"split": ("Featurizer", "Vanilla"), "colocated": ("FeaturizerVanilla",)}
 _OPTION_KEYS = {"num_replicas", "autoscaling_config", "ray_actor_options", "max_ongoing_requests", "max_queued_requests",
                 "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", "health_check_period_s",
-                "health_check_timeout_s", "user_config"}
+                "health_check_timeout_s", "user_config", "max_replicas_per_node"}
 
 
 def check_models(cfg: ServeConfig) -> list[str]:
@@ -85,7 +88,7 @@ def require_models(cfg: ServeConfig) -> None:
 
 
 def build_app(cfg: ServeConfig | dict | None = None, options: dict[str, dict] | None = None):
-    """The bound application: Ingress -> Featurizer, Vanilla, [LLMRefiner, Fusion], [MLLM].
+    """The bound application: Ingress -> Featurizer, Vanilla (or FeaturizerVanilla), [LLMRefiner, Fusion], [MLLM].
 
     An ``mer ensemble`` run directory gets its own graph (:func:`_ensemble_app`).
 
@@ -93,26 +96,26 @@ def build_app(cfg: ServeConfig | dict | None = None, options: dict[str, dict] | 
         cfg: the app config (models dir is made absolute here, so replicas find it from any cwd).
         options: per-deployment ``.options()`` (``num_replicas``, ``autoscaling_config``, ...), by name.
     """
-    from mer_ray.serve.deployments import MLLM, Featurizer, Fusion, LLMRefiner, Vanilla
+    from mer_ray.serve.deployments import MLLM, Featurizer, FeaturizerVanilla, Fusion, LLMRefiner, Vanilla
     from mer_ray.serve.ingress import Ingress
 
     cfg = load(ServeConfig, cfg)
     cfg = cfg.model_copy(update={"models_dir": str(cfg.models_path.resolve())})
     options = options or {}
-    bad = sorted(n for n in set(options) - set(DEPLOYMENTS) if not n.startswith("FinetunedLLM_"))
-    if bad:
-        raise ValueError(f"unknown deployment names {bad}; known: {list(DEPLOYMENTS)}")
+    check_options(cfg, options)
 
     def opt(d):
         return d.options(**options[d.name]) if options.get(d.name) else d
 
     th, md = cfg.torch_threads, cfg.models_dir
-    feat = opt(Featurizer).bind(th)
+    if cfg.layout == "colocated":  # one deployment answers both handles (the Ingress calls featurize_predict)
+        feat = van = opt(FeaturizerVanilla).bind(md, th)
+    else:
+        feat, van = opt(Featurizer).bind(th), opt(Vanilla).bind(md, th)
     from mer_ray.serve.ensemble_run import is_ensemble_run
 
     if is_ensemble_run(md):
-        return _ensemble_app(cfg, opt, options, feat)
-    van = opt(Vanilla).bind(md, th)
+        return _ensemble_app(cfg, opt, options, feat, van)
     ref = fus = mllm = None
     if cfg.llm.enabled:
         ref = opt(LLMRefiner).bind(md, cfg.llm.model_dump(), cfg.llm.n_threads)
@@ -122,18 +125,44 @@ def build_app(cfg: ServeConfig | dict | None = None, options: dict[str, dict] | 
     return opt(Ingress).bind(cfg.model_dump(), feat, van, ref, fus, mllm)
 
 
-def _ensemble_app(cfg: ServeConfig, opt, options: dict[str, dict], feat):
+def check_options(cfg: ServeConfig, options: dict[str, dict]) -> None:
+    """Refuse options for an unknown deployment, for a text deployment the layout does not deploy, and a
+    ``user_config`` that is not a batched deployment's :class:`~mer_ray.serve.deployments.BatchSettings`.
+
+    Raises:
+        ValueError: the message names the deployment and the problem.
+    """
+    from mer_ray.serve.deployments import BATCHED, BatchSettings
+
+    bad = sorted(n for n in set(options) - set(DEPLOYMENTS) if not n.startswith("FinetunedLLM_"))
+    if bad:
+        raise ValueError(f"unknown deployment names {bad}; known: {list(DEPLOYMENTS)}")
+    other = [n for lay, names in LAYOUT_DEPLOYMENTS.items() if lay != cfg.layout for n in names if n in options]
+    if other:
+        raise ValueError(f"options for {other}, which layout {cfg.layout!r} does not deploy (it deploys "
+                         f"{list(LAYOUT_DEPLOYMENTS[cfg.layout])}); set args.layout or rename the entries")
+    for name, o in options.items():
+        if "user_config" not in o:
+            continue
+        if name not in BATCHED:
+            raise ValueError(f"deployment {name!r}: user_config is only read by the batched deployments {list(BATCHED)}")
+        try:
+            BatchSettings.model_validate(o["user_config"])
+        except Exception as e:
+            raise ValueError(f"deployment {name!r}: bad user_config: {e}") from None
+
+
+def _ensemble_app(cfg: ServeConfig, opt, options: dict[str, dict], feat, van):
     """An ``mer ensemble`` run: Ingress -> Featurizer, Vanilla (seed mean), [LLMRefiner, FinetunedLLM_<m>..., EnsembleFusion].
 
     The LLM deployments are bound only when the fitted fusion reads them (a fusion that selected the vanilla
     average needs none); each fine-tuned member is its own deployment, scaled and placed on its own.
     """
-    from mer_ray.serve.deployments import EnsembleFusion, FinetunedLLM, LLMRefiner, Vanilla
+    from mer_ray.serve.deployments import EnsembleFusion, FinetunedLLM, LLMRefiner
     from mer_ray.serve.ensemble_run import fusion_config, uses_llm
     from mer_ray.serve.ingress import Ingress
 
     th, md = cfg.torch_threads, cfg.models_dir
-    van = opt(Vanilla).bind(md, th)
     fcfg = fusion_config(md)
     ref = members = fus = None
     if cfg.llm.enabled and uses_llm(fcfg):

@@ -56,22 +56,38 @@ class LLMConfig(BaseModel):
 
 
 class SessionConfig(BaseModel):
-    """The streaming session store (a named, detached Ray actor shared by every replica)."""
+    """The streaming session store: SQLite on local disk (the default) or a shared Redis server."""
 
     model_config = ConfigDict(extra="forbid")
 
-    actor_name: str = "mer_session_store"
-    """Name of the store actor; replicas look it up by name, so a restarted replica finds it."""
-    namespace: str = "mer_serve"
-    """Ray namespace of the store actor."""
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    """``sqlite``: a file on this node's disk, opened by every Ingress replica of the node (WAL, one transaction
+    per write), so sessions outlive any process; ``redis``: a Redis server shared by the replicas of every node."""
+    dir: str | None = None
+    """SQLite: the folder of ``sessions.db``. None: ``<models_dir>/../sessions``, beside the models whose feature
+    vectors the sessions hold (another models dir never reads them)."""
+    redis_url: str | None = None
+    """Redis: the server, e.g. ``redis://redis:6379/0`` (required with ``backend: redis``)."""
+    redis_password_env: str | None = None
+    """Redis: the environment variable holding the server's password (a password never goes in a YAML)."""
+    key_prefix: str = Field("mer:sessions", min_length=1)
+    """Redis: prefix of every key, so one server can hold several deployments' sessions."""
     ttl_s: float = Field(3600.0, gt=0)
-    """A session idle this long is dropped."""
+    """A session idle this long is closed; its id then stays a tombstone for ``ttl_s`` more (its turns get 409)."""
     max_sessions: int = Field(10000, ge=1)
-    """Most sessions kept; the least recently used go first."""
+    """Most open sessions; the least recently used are closed first (and become tombstones)."""
     max_turns: int = Field(64, ge=1)
-    """Turns kept per session; older turns drop out of the context."""
-    persist_dir: str | None = None
-    """If set, every session is also written here, so the store survives its own restart."""
+    """Turns kept per session; older turns drop out of the context (and can no longer be replayed)."""
+    busy_timeout_s: float = Field(10.0, gt=0)
+    """SQLite: how long a write waits for another replica's transaction before the request gets a 503."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SessionConfig:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("sessions.backend 'redis' needs sessions.redis_url (e.g. redis://host:6379/0)")
+        if self.redis_password_env and self.backend != "redis":
+            raise ValueError("sessions.redis_password_env is for backend: redis only")
+        return self
 
 
 class ServeConfig(BaseModel):
@@ -101,6 +117,9 @@ class ServeConfig(BaseModel):
     """If set, requests must send ``Authorization: Bearer <key>`` where the key is this environment variable's value."""
     torch_threads: int = Field(1, ge=1)
     """``torch.set_num_threads`` in each model replica."""
+    layout: Literal["split", "colocated"] = "split"
+    """``split``: the ``Featurizer`` and ``Vanilla`` deployments, each scaled on its own (two hops per request);
+    ``colocated``: both text models in one ``FeaturizerVanilla`` deployment (one hop; ``serve/colocated.yaml``)."""
 
     @property
     def models_path(self) -> Path:

@@ -4,46 +4,204 @@ Each deployment loads its member once in ``__init__`` and exposes the member's
 methods. Resources and autoscaling come from ``serve/*.yaml`` (the defaults here
 suit a laptop); model replicas pin ``torch.set_num_threads`` so fractional CPUs
 do not oversubscribe the cores.
+
+The text models batch across concurrent requests (``Featurizer``, ``Vanilla`` and the
+co-located ``FeaturizerVanilla``): callers still send one dialogue per call, and
+``@serve.batch`` hands the member a list of dialogues (one MiniLM pass, one vanilla
+forward pass per batch). ``max_batch_size`` and ``batch_wait_timeout_s`` are the
+deployment's ``user_config`` in the YAML (:class:`BatchSettings`, applied by
+``reconfigure``). The LLM deployments never merge requests (docs/lantern.md).
+
+Every deployment's ``check_health`` runs its model on one tiny fixed input, so a
+wedged replica fails its health check and Serve replaces it.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from mer_ray.serve.ensemble_run import EnsembleFusionMember, FinetunedMember, SeedAverageMember, is_ensemble_run, run_refiner
 from mer_ray.serve.featurize import RequestFeaturizer
 from mer_ray.serve.members import FusionMember, MLLMMember, RefinerMember, VanillaMember
 
+#: Deployments that batch, so take a ``user_config`` (:class:`BatchSettings`).
+BATCHED = ("Featurizer", "Vanilla", "FeaturizerVanilla")
+
+
+class BatchSettings(BaseModel):
+    """A batched deployment's ``user_config`` in ``serve/*.yaml`` (unknown keys refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(16, ge=1)
+    """Most dialogues in one batch (keep ``max_ongoing_requests`` at least this, or batches never fill)."""
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
+    """How long the first dialogue of a batch waits for more. Batches mostly fill while the previous batch
+    runs; a long wait would only delay a lone request."""
+
+
+class BatchStats:
+    """Cumulative batch counts since the replica started: ``{"calls", "items", "max"}``."""
+
+    def __init__(self):
+        self.calls = self.items = self.max = 0
+
+    def record(self, n: int) -> None:
+        self.calls, self.items, self.max = self.calls + 1, self.items + n, max(self.max, n)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"calls": self.calls, "items": self.items, "max": self.max}
+
+
+def _vanilla_member(models_dir: str, threads: int):
+    member = SeedAverageMember if is_ensemble_run(models_dir) else VanillaMember
+    return member(models_dir, threads)
+
+
+def _unwrap(out):
+    """A batched member's answer for one request: the value, or that request's own exception raised."""
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
+async def _health(probe: Callable[[], None], what: str) -> None:
+    """``probe`` off the event loop; a failure is a ``RuntimeError`` naming the deployment (Serve marks it unhealthy)."""
+    try:
+        await asyncio.to_thread(probe)
+    except RuntimeError:
+        raise
+    except Exception as e:
+        raise RuntimeError(f"{what}: the health probe failed: {e!r}") from e
+
+
+class _Batched:
+    """Per-replica ``@serve.batch`` queues over a plain member's list-in, list-out methods.
+
+    The queues are made per instance rather than on the class, because Serve keeps one queue per decorated
+    function and runs a batch with its first item's ``self``: two instances in one process would share it.
+    Outside a replica (local testing mode, plain use) each call is a batch of one, through the same code.
+    """
+
+    def _init_batching(self, **methods: Callable[[list], list]) -> None:
+        self.stats, self.settings = BatchStats(), BatchSettings()
+        self.batched, self.unbatched = {}, {}
+        for name, fn in methods.items():
+            async def run(items: list, fn=fn) -> list:
+                self.stats.record(len(items))
+                return await asyncio.to_thread(fn, items)  # off the loop: the next batch keeps filling meanwhile
+
+            run.__name__ = name
+            s = self.settings
+            self.batched[name] = serve.batch(max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s)(run)
+            self.unbatched[name] = run
+        try:  # Serve's batch queue needs a replica context, which local testing mode does not set (Ray 2.60)
+            serve.get_replica_context()
+            self.in_replica = True
+        except RayServeException:
+            self.in_replica = False
+
+    async def _one(self, name: str, item):
+        """One request through the batch queue (outside a replica: a batch of one), its own answer or exception."""
+        if self.in_replica:
+            return _unwrap(await self.batched[name](item))
+        return _unwrap((await self.unbatched[name]([item]))[0])
+
+    def reconfigure(self, config: dict) -> None:
+        """Apply the YAML's ``user_config`` (:class:`BatchSettings`) to every batched method of this replica."""
+        self.settings = BatchSettings.model_validate(config or {})
+        for fn in self.batched.values():
+            fn.set_max_batch_size(self.settings.max_batch_size)
+            fn.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    def batch_stats(self) -> dict[str, int]:
+        """``{"calls", "items", "max"}`` since start: batches run, dialogues in them, the largest batch."""
+        return self.stats.as_dict()
+
 
 @serve.deployment(name="Featurizer", ray_actor_options={"num_cpus": 0.5})
-class Featurizer:
-    """Text embeddings (packaged MiniLM), plus face/voice features when media are sent."""
+class Featurizer(_Batched):
+    """Text embeddings (packaged MiniLM), plus face/voice features when media are sent; batched."""
 
     def __init__(self, threads: int = 1, extract_config: dict | None = None):
         self.member = RequestFeaturizer(threads=threads, extract_config=extract_config)
+        self._init_batching(featurize=self.member.featurize_batch)
 
-    def featurize(self, utterances: list[dict]) -> list[dict]:
-        return self.member.featurize(utterances)
+    async def featurize(self, utterances: list[dict]) -> list[dict]:
+        return await self._one("featurize", utterances)
+
+    async def check_health(self) -> None:
+        await _health(self.member.probe, "Featurizer")
 
 
 @serve.deployment(name="Vanilla", ray_actor_options={"num_cpus": 0.5})
-class Vanilla:
-    """The vanilla multi-task model (``<models>/vanilla``), or an ``mer ensemble`` run's seed average."""
+class Vanilla(_Batched):
+    """The vanilla multi-task model (``<models>/vanilla``), or an ``mer ensemble`` run's seed average; batched."""
 
     def __init__(self, models_dir: str, threads: int = 1):
-        member = SeedAverageMember if is_ensemble_run(models_dir) else VanillaMember
-        self.member = member(models_dir, threads)
+        self.member = _vanilla_member(models_dir, threads)
+        self._init_batching(predict=self.member.predict_batch)
 
     def label_set_name(self) -> str:
         return self.member.label_set_name()
 
-    def predict(self, rows: list[dict]):
-        return self.member.predict(rows)
+    async def predict(self, rows: list[dict]):
+        return await self._one("predict", rows)
+
+    async def check_health(self) -> None:
+        await _health(self.member.probe, "Vanilla")
+
+
+@serve.deployment(name="FeaturizerVanilla", ray_actor_options={"num_cpus": 0.75})
+class FeaturizerVanilla(_Batched):
+    """The Featurizer and the Vanilla model in one replica: one hop, ``featurize_predict`` -> (rows, vanilla).
+
+    It composes the same plain members as ``Featurizer`` and ``Vanilla`` (which still exist and scale apart in
+    the ``split`` layout); ``featurize`` and ``predict`` stay for streaming sessions, which featurize one turn
+    and predict over the stored context.
+    """
+
+    def __init__(self, models_dir: str, threads: int = 1, extract_config: dict | None = None):
+        self.featurizer = RequestFeaturizer(threads=threads, extract_config=extract_config)
+        self.vanilla = _vanilla_member(models_dir, threads)
+        self._init_batching(featurize=self.featurizer.featurize_batch, predict=self.vanilla.predict_batch,
+                            featurize_predict=self._featurize_predict_batch)
+
+    def _featurize_predict_batch(self, dialogues: list[list[dict]]) -> list:
+        """``[D]`` of ``(rows, vanilla answer)``: one MiniLM pass and one vanilla pass over the batch."""
+        rows = self.featurizer.featurize_batch(dialogues)
+        ok = [k for k, r in enumerate(rows) if not isinstance(r, Exception)]
+        van = self.vanilla.predict_batch([rows[k] for k in ok]) if ok else []
+        out: list = list(rows)
+        for k, v in zip(ok, van):
+            out[k] = v if isinstance(v, Exception) else (rows[k], v)
+        return out
+
+    def label_set_name(self) -> str:
+        return self.vanilla.label_set_name()
+
+    async def featurize(self, utterances: list[dict]) -> list[dict]:
+        return await self._one("featurize", utterances)
+
+    async def predict(self, rows: list[dict]):
+        return await self._one("predict", rows)
+
+    async def featurize_predict(self, utterances: list[dict]) -> tuple[list[dict], dict]:
+        return await self._one("featurize_predict", utterances)
+
+    async def check_health(self) -> None:
+        await _health(self.featurizer.probe, "FeaturizerVanilla")
+        await _health(self.vanilla.probe, "FeaturizerVanilla")
 
 
 @serve.deployment(name="LLMRefiner", ray_actor_options={"num_cpus": 1})
 class LLMRefiner:
-    """Lantern's LLM prompting per receptive field (llama.cpp in the replica, or an HTTP server)."""
+    """Lantern's LLM prompting per receptive field (llama.cpp in the replica, or an HTTP server); never batched."""
 
     def __init__(self, models_dir: str, llm: dict, threads: int = 1):
         member = run_refiner if is_ensemble_run(models_dir) else RefinerMember  # a run: its prompt job's settings
@@ -51,6 +209,9 @@ class LLMRefiner:
 
     def refine(self, rows: list[dict], vanilla, targets: list[int]) -> dict:
         return self.member.refine(rows, vanilla, targets)
+
+    async def check_health(self) -> None:
+        await _health(self.member.probe, "LLMRefiner")
 
 
 @serve.deployment(name="Fusion", ray_actor_options={"num_cpus": 0.25})
@@ -63,6 +224,9 @@ class Fusion:
     def fuse(self, vanilla, refined: dict):
         return self.member.fuse(vanilla, refined)
 
+    async def check_health(self) -> None:
+        await _health(self.member.probe, "Fusion")
+
 
 @serve.deployment(name="MLLM", ray_actor_options={"num_cpus": 1})
 class MLLM:
@@ -73,6 +237,9 @@ class MLLM:
 
     def predict(self, rows: list[dict]):
         return self.member.predict(rows)
+
+    async def check_health(self) -> None:
+        await _health(self.member.probe, "MLLM")
 
 
 @serve.deployment(name="FinetunedLLM", ray_actor_options={"num_cpus": 1})
@@ -85,6 +252,9 @@ class FinetunedLLM:
     def predict(self, rows: list[dict], vanilla_avg):
         return self.member.predict(rows, vanilla_avg)
 
+    async def check_health(self) -> None:
+        await _health(self.member.probe, f"FinetunedLLM_{self.member.name}")
+
 
 @serve.deployment(name="EnsembleFusion", ray_actor_options={"num_cpus": 0.25})
 class EnsembleFusion:
@@ -95,3 +265,6 @@ class EnsembleFusion:
 
     def fuse(self, seeds: dict, members: dict, refined):
         return self.member.fuse(seeds, members, refined)
+
+    async def check_health(self) -> None:
+        await _health(self.member.probe, "EnsembleFusion")

@@ -79,6 +79,9 @@ class Ensemble:
     """That run's fitted fusion: ``(seeds, members, refiner detail or None) -> [n, C]``; set: the run's layout."""
     calibration: Calibration | None = None
     """The models dir's ``calibration.json`` (temperatures and conformal scores); None: answers are uncalibrated."""
+    featurize_vanilla: Member | None = None
+    """The co-located layout: ``utterances -> (rows, vanilla answer)`` in one call (one hop instead of two);
+    None: ``featurize`` then ``vanilla``."""
     _label_set: str | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -144,10 +147,12 @@ class Ensemble:
         return alpha
 
     async def predict_rows(self, rows: list[dict], use_llm: bool, label_set: str | None, targets: list[int] | None = None,
-                           timing: dict[str, float] | None = None, alpha: float | None = None) -> dict:
+                           timing: dict[str, float] | None = None, alpha: float | None = None,
+                           vanilla_out: dict | None = None) -> dict:
         """Predict a featurized dialogue; ``targets`` limits the answer (and the LLM work) to some positions.
 
-        ``alpha``: the prediction sets' miscoverage (None: the calibration's default).
+        ``alpha``: the prediction sets' miscoverage (None: the calibration's default). ``vanilla_out``: the
+        vanilla answer for ``rows`` when the caller already has it (the co-located layout), else asked here.
         """
         timing = {} if timing is None else timing
         alpha = self.resolve_alpha(alpha)
@@ -156,9 +161,10 @@ class Ensemble:
         n = len(rows)
         targets = list(range(n)) if targets is None else targets
         t = time.perf_counter()
-        van_out = await self.vanilla(rows)  # emotion_probs [n, C], sentiment_probs, vad (prompt references)
+        # emotion_probs [n, C], sentiment_probs, vad (prompt references)
+        van_out = vanilla_out if vanilla_out is not None else await self.vanilla(rows)
         van = np.asarray(van_out["emotion_probs"], dtype=np.float64)
-        timing["vanilla"] = (time.perf_counter() - t) * 1e3
+        timing.setdefault("vanilla", (time.perf_counter() - t) * 1e3)
         fused, llm, fields = van, [None] * n, [[] for _ in range(n)]
         jobs = {}
         if self.ensemble_fuse is not None:  # an `mer ensemble` run: its own fusion; without the LLM, the seed mean
@@ -227,8 +233,13 @@ class Ensemble:
         self.resolve_alpha(alpha)  # refuse a bad alpha before the featurizer's work
         t0 = time.perf_counter()
         timing: dict[str, float] = {}
-        rows = await self.featurize(utterances)
+        van_out = None
+        if self.featurize_vanilla is not None:  # one call does both: `features` is that call, `vanilla` 0
+            rows, van_out = await self.featurize_vanilla(utterances)
+            timing["vanilla"] = 0.0
+        else:
+            rows = await self.featurize(utterances)
         timing["features"] = (time.perf_counter() - t0) * 1e3
-        out = await self.predict_rows(rows, use_llm, label_set, timing=timing, alpha=alpha)
+        out = await self.predict_rows(rows, use_llm, label_set, timing=timing, alpha=alpha, vanilla_out=van_out)
         timing["total"] = (time.perf_counter() - t0) * 1e3
         return out

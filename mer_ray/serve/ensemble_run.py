@@ -15,11 +15,12 @@ Shapes: ``n`` utterances, ``C`` labels in the fusion config's label order.
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from mer_ray.serve.members import EngineLock
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -132,8 +133,8 @@ class SeedAverageMember:
     def _ordered(self, p: np.ndarray, labels: list[str]) -> np.ndarray:
         return np.asarray(p, dtype=np.float64)[:, [list(labels).index(lab) for lab in self.labels]]
 
-    def predict(self, rows: list[dict]) -> dict:
-        outs = {name: pred.predict_dialogue(rows) for name, pred in self.predictors.items()}
+    def _answer(self, outs: dict[str, dict]) -> dict:
+        """Each seed's outputs for one dialogue -> the member's answer."""
         seeds = {f"vanilla_{n}": self._ordered(o["emotion_probs"], self.predictors[n].emotion_labels) for n, o in outs.items()}
         ref, ref_pred = outs[self.reference], self.predictors[self.reference]
         reference = {"emotion_probs": seeds[f"vanilla_{self.reference}"].astype(np.float32),
@@ -142,6 +143,27 @@ class SeedAverageMember:
         return {"emotion_probs": np.mean(np.stack(list(seeds.values())), axis=0), "sentiment_probs": ref.get("sentiment_probs"),
                 "sentiment_labels": ref_pred.sentiment_labels, "vad": ref.get("vad"), "seeds": seeds,
                 "lantern_reference": reference}
+
+    def predict(self, rows: list[dict]) -> dict:
+        return self._answer({name: pred.predict_dialogue(rows) for name, pred in self.predictors.items()})
+
+    def predict_batch(self, dialogues: list[list[dict]]) -> list:
+        """:meth:`predict` of ``D`` dialogues: per seed one forward pass over all of them (the fine-tuned MiniLM
+        encodes every utterance of the batch, length-sorted, in ~1024-token chunks); ``[D]`` answers, a failed
+        dialogue holding its exception."""
+        from mer_ray.serve.members import isolated, predict_many
+
+        def run(ds):
+            per_seed = {name: predict_many(pred, ds) for name, pred in self.predictors.items()}
+            return [self._answer({name: outs[k] for name, outs in per_seed.items()}) for k in range(len(ds))]
+
+        return isolated(run, self.predict, dialogues)
+
+    def probe(self) -> None:
+        """Every seed on one fixed utterance; ``RuntimeError`` unless the mean is a distribution."""
+        from mer_ray.serve.members import PROBE_ROW, check_probs
+
+        check_probs(self.predict([PROBE_ROW])["emotion_probs"], "Vanilla (seed average)")
 
 
 def refiner_settings(models_dir: str, llm: dict) -> dict:
@@ -189,14 +211,24 @@ class FinetunedMember:
         projectors = (read_meta(art).get("model") or {}).get("projectors") or {}
         self.columns = {m: p["feature"] for m, p in projectors.items() if isinstance(p, dict) and p.get("feature")}
         self.perm = [self.labels.index(lab) for lab in self.predictor.labels]  # fusion order -> the member's order
-        self.lock = threading.Lock()  # requests overlap in Serve's thread pool; one LLM pass at a time
+        self.lock = EngineLock()  # requests overlap in Serve's thread pool; one LLM pass at a time
 
-    def predict(self, rows: list[dict], vanilla_avg) -> np.ndarray:
+    def _predict(self, rows: list[dict], vanilla_avg) -> np.ndarray:
         feats = [{m: r.get(c) for m, c in self.columns.items() if r.get(c) is not None} for r in rows]
         refs = np.asarray(vanilla_avg, dtype=np.float64)[:, self.perm] if self.predictor.prompt.references else None
-        with self.lock:
-            out = np.asarray(self.predictor.predict_dialogue(rows, feats, references=refs)["emotion_probs"], np.float64)
+        out = np.asarray(self.predictor.predict_dialogue(rows, feats, references=refs)["emotion_probs"], np.float64)
         return out[:, [list(self.predictor.labels).index(lab) for lab in self.labels]]
+
+    def predict(self, rows: list[dict], vanilla_avg) -> np.ndarray:
+        with self.lock:
+            return self._predict(rows, vanilla_avg)
+
+    def probe(self) -> None:
+        """The LLM on one fixed utterance with uniform references, when it is free (see ``EngineLock``)."""
+        from mer_ray.serve.members import PROBE_ROW, check_probs
+
+        c = len(self.labels)
+        self.lock.probe(lambda: check_probs(self._predict([PROBE_ROW], np.full((1, c), 1.0 / c)), self.name), self.name)
 
 
 def refined_table(refined: list[list[dict]], content_free) -> pa.Table:
@@ -239,3 +271,16 @@ class EnsembleFusionMember:
         members = {m: members[m] for m in self.ens.fusion.get("members") or []}  # the fitted order of candidates
         fused, _ = apply_fusion(self.ens, [(REQUEST_ID, i) for i in range(n)], seeds, members, llm)
         return np.asarray(fused, dtype=np.float64)
+
+    def probe(self) -> None:
+        """The fitted fusion on one utterance with uniform inputs (every seed, member and a Lantern candidate)."""
+        from mer_ray.serve.members import check_probs
+
+        cfg = self.ens.fusion
+        c = len(cfg["labels"])
+        u = np.full((1, c), 1.0 / c)
+        names = cfg.get("vanilla_seeds") or [d.name for d in self.ens.seeds]
+        seeds = {n if n.startswith("vanilla_") else f"vanilla_{n}": u for n in names}
+        members = {m: u for m in cfg.get("members") or []}
+        refined = [[{"start": 0, "end": 1, "probs": u[0].astype(np.float32)}]] if cfg.get("lantern") else None
+        check_probs(self.fuse(seeds, members, refined), "EnsembleFusion")

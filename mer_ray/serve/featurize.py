@@ -16,6 +16,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from mer_ray.features.columns import MODEL_FEATURES
 from mer_ray.serve.schemas import decode_media
 
@@ -25,6 +27,9 @@ class MediaError(ValueError):
 
 
 _FEATURES = MODEL_FEATURES  # every column a model may read
+#: Utterances per padded MiniLM chunk in a batch (the encoder sorts by length first, so a chunk pads to
+#: nearly its own length; 32 keeps the matrices large enough to be efficient on a CPU core).
+TEXT_CHUNK = 32
 
 
 class RequestFeaturizer:
@@ -92,9 +97,37 @@ class RequestFeaturizer:
 
     def featurize(self, utterances: list[dict]) -> list[dict]:
         """Plain dicts (``speaker``, ``text``, optional ``video_b64``/``audio_b64``) -> feature rows."""
-        emb = self.text.encode([u.get("text", "") for u in utterances])
-        rows = [{"turn": i, "speaker": u.get("speaker", ""), "text": u.get("text", ""), "text_embedding": emb[i].tolist(),
-                 "status": "ok", "error": None} for i, u in enumerate(utterances)]
+        out = self.featurize_batch([utterances])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def featurize_batch(self, dialogues: list[list[dict]]) -> list[list[dict] | Exception]:
+        """:meth:`featurize` of ``D`` dialogues: one tokenisation and MiniLM pass over all their utterances.
+
+        The encoder sorts the utterances by length and pads each chunk of ``TEXT_CHUNK`` to its own longest,
+        so mixing long and short dialogues costs little padding. Media run per dialogue (one at a time).
+
+        Returns:
+            ``[D]`` lists of rows; a dialogue whose media could not be decoded holds its :class:`MediaError`.
+        """
+        texts = [u.get("text", "") for utts in dialogues for u in utts]
+        emb = self.text.encode(texts, batch_size=TEXT_CHUNK) if texts else np.zeros((0, 384), np.float32)
+        out: list[list[dict] | Exception] = []
+        start = 0
+        for utterances in dialogues:
+            rows = [{"turn": i, "speaker": u.get("speaker", ""), "text": u.get("text", ""),
+                     "text_embedding": emb[start + i].tolist(), "status": "ok", "error": None} for i, u in enumerate(utterances)]
+            start += len(utterances)
+            try:
+                self._add_media(utterances, rows)
+            except Exception as e:  # this dialogue's answer alone (a MediaError is a 422)
+                out.append(e)
+                continue
+            out.append(rows)
+        return out
+
+    def _add_media(self, utterances: list[dict], rows: list[dict]) -> None:
         media = [i for i, u in enumerate(utterances) if u.get("video_b64") is not None or u.get("audio_b64") is not None]
         if media:
             with self._lock:
@@ -102,7 +135,13 @@ class RequestFeaturizer:
             for i, feats in done.items():
                 feats.pop("text_embedding", None)
                 rows[i].update(feats)
-        return rows
+
+    def probe(self) -> None:
+        """MiniLM on one fixed short utterance; ``RuntimeError`` unless a finite, non-zero 384-d vector comes back."""
+        v = np.asarray(self.text.encode(["ok"]), dtype=np.float64)
+        if v.shape != (1, 384) or not np.isfinite(v).all() or not np.linalg.norm(v) > 0:
+            raise RuntimeError(f"Featurizer: the health probe's text embedding is not a finite non-zero 384-d vector "
+                               f"(shape {v.shape})")
 
 
 def b64(data: bytes) -> str:

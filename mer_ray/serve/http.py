@@ -22,10 +22,49 @@ from mer_ray.serve.config import ServeConfig
 _MEDIA_HINT = "media must be sent as base64 content in video_b64/audio_b64, never as a path or URL"
 
 
+#: Seconds a client is told to wait (``Retry-After``) after a 503: about what Serve takes to replace a replica.
+RETRY_AFTER_S = 5
+
+
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, detail: list | None = None):
+    """An answer other than 200: ``status``, a message naming the problem, and extra body fields (``next_turn``)."""
+
+    def __init__(self, status: int, message: str, detail: list | None = None, retry_after: int | None = None, **extra):
         super().__init__(message)
-        self.status, self.message, self.detail = status, message, detail or []
+        self.status, self.message, self.detail, self.retry_after, self.extra = status, message, detail or [], retry_after, extra
+
+    def body(self) -> dict:
+        return {"error": self.message, "detail": self.detail, **self.extra,
+                **({} if self.retry_after is None else {"retry_after_s": self.retry_after})}
+
+
+def error_response(status: int, body: dict) -> JSONResponse:
+    """The JSON answer of an error body; a 503 carries ``Retry-After`` (the body's ``retry_after_s``)."""
+    after = body.get("retry_after_s")
+    return JSONResponse(body, status_code=status, headers=None if after is None else {"Retry-After": str(after)})
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Failures of our own serving that a retry can cure: a stage replica dying or being replaced, Serve shedding
+    load, the session store briefly locked or unreachable. Everything else that is not an :class:`ApiError` is a bug."""
+    import sqlite3
+
+    import ray.exceptions as rex
+    import ray.serve.exceptions as sex
+
+    out = [rex.RayActorError, rex.ActorUnavailableError, rex.ActorUnschedulableError, rex.ObjectLostError,
+           sex.RayServeException, sqlite3.OperationalError]  # RayServeException: DeploymentUnavailable, BackPressure, ...
+    try:
+        import redis
+
+        out += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+    except ImportError:  # the redis client is needed only with sessions.backend: redis
+        pass
+    return tuple(out)
+
+
+def unavailable(e: BaseException) -> ApiError:
+    return ApiError(503, f"temporarily unavailable ({type(e).__name__}); retry after {RETRY_AFTER_S} s", retry_after=RETRY_AFTER_S)
 
 
 def pydantic_error(err: ValidationError | RequestValidationError) -> ApiError:
@@ -50,7 +89,15 @@ api = FastAPIOffline(title="mer-ray", version="0.1.0", static_url=DOCS_STATIC, s
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError):
-    return JSONResponse({"error": exc.message, "detail": exc.detail}, status_code=exc.status)
+    return error_response(exc.status, exc.body())
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):
+    """The GET routes' last resort: a transient failure is a 503 with Retry-After, a bug a 500 that names it."""
+    if isinstance(exc, transient_errors()):
+        return error_response(503, unavailable(exc).body())
+    return error_response(500, {"error": f"internal error: {type(exc).__name__}: {str(exc)[:200]}", "detail": []})
 
 
 @api.exception_handler(RequestValidationError)

@@ -8,6 +8,7 @@ for text length and counts, 413 for one media upload) -> label set (422).
 
 # No `from __future__ import annotations`: Serve's class-based view needs real annotations (Request).
 import asyncio
+import logging
 import mimetypes
 import os
 import re
@@ -24,26 +25,31 @@ from mer_ray.serve import schemas as S
 from mer_ray.serve.config import ServeConfig
 from mer_ray.serve.ensemble import AlphaError, Ensemble, LabelSetError, available_label_sets, label_map
 from mer_ray.serve.featurize import MediaError
-from mer_ray.serve.http import ApiError, api, body_spec, check_auth, check_limits, check_sid, parse, read_body
-from mer_ray.serve.sessions import SessionStore, get_store, speaker_summary
+from mer_ray.serve.http import ApiError, api, body_spec, check_auth, check_limits, check_sid, error_response, parse, read_body, transient_errors, unavailable
+from mer_ray.serve.session_stores import open_store
+from mer_ray.serve.sessions import SessionConflict, request_key, speaker_summary
 
 #: A file name under ``static/``: no separator, no leading dot (so no ``..``), nothing a path could smuggle.
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
+#: Attempts of one request's stage calls when a stage replica dies or is replaced, and the first backoff (doubled
+#: after each): a retry after 0.25 s reaches another replica (Serve's router drops a replica whose call raised
+#: ActorDiedError); with a single replica, 1.75 s of retries end in a 503 with Retry-After.
+ATTEMPTS, BACKOFF_S = 4, 0.25
+_log = logging.getLogger("ray.serve")
+
+
 class _Store:
-    """Session store client: the named actor under Ray, a plain store without it (local testing)."""
+    """The session store (:func:`~mer_ray.serve.session_stores.open_store`), opened on first use, called off the event loop."""
 
-    def __init__(self, cfg):
-        import ray
-
-        self.actor = get_store(cfg) if ray.is_initialized() else None
-        self.local = None if self.actor else SessionStore(cfg.ttl_s, cfg.max_sessions, cfg.max_turns, cfg.persist_dir)
+    def __init__(self, cfg, models_dir: str | None = None):
+        self.cfg, self.models_dir, self._store = cfg, models_dir, None
 
     async def __call__(self, method: str, *args):
-        if self.local is not None:
-            return getattr(self.local, method)(*args)
-        return await getattr(self.actor, method).remote(*args)
+        if self._store is None:
+            self._store = open_store(self.cfg, self.models_dir)
+        return await asyncio.to_thread(getattr(self._store, method), *args)  # SQLite waits on a lock, Redis on the network
 
 
 @serve.deployment(name="Ingress")
@@ -64,23 +70,40 @@ class Ingress:
                             mllm.predict.remote if mllm else None,
                             members=None if members is None else {m: h.predict.remote for m, h in members.items()},
                             ensemble_fuse=ensemble_fusion.fuse.remote if ensemble_fusion else None,
-                            calibration=Calibration.load(self.cfg.models_dir))
+                            calibration=Calibration.load(self.cfg.models_dir),
+                            # co-located: `featurizer` and `vanilla` are one FeaturizerVanilla, asked once per dialogue
+                            featurize_vanilla=featurizer.featurize_predict.remote if self.cfg.layout == "colocated" else None)
         self.store = _Store(self.cfg.sessions)
 
     async def _options(self, req, where: str = "") -> tuple[str | None, bool]:
         """Check a request's label set and alpha (422 naming them); the label set and the effective ``use_llm``."""
         try:
-            label_map(await self.ens.model_label_set(), req.label_set)
+            label_map(await self._run(self.ens.model_label_set), req.label_set)
             self.ens.resolve_alpha(req.alpha)
         except (LabelSetError, AlphaError) as e:
             raise ApiError(422, f"{where}{e}") from None
         return req.label_set, req.use_llm and self.ens.has_llm
 
-    async def _run(self, coro):
-        try:
-            return await coro
-        except MediaError as e:
-            raise ApiError(422, str(e)) from None
+    async def _run(self, make):
+        """``await make()``, retried on a transient failure (a stage replica dying): 503 with Retry-After when they run out.
+
+        Safe because every stage is a pure function of its input and nothing here writes a session.
+        """
+        for attempt in range(ATTEMPTS):
+            try:
+                return await make()
+            except MediaError as e:
+                raise ApiError(422, str(e)) from None
+            except transient_errors() as e:
+                if attempt == ATTEMPTS - 1:
+                    _log.warning("stage call failed %d times, answering 503", ATTEMPTS, exc_info=e)
+                    raise unavailable(e) from e
+                await asyncio.sleep(BACKOFF_S * 2**attempt)
+
+    async def _session(self, method: str, *args):
+        if self.store.models_dir is None:
+            self.store.models_dir = self.cfg.models_dir  # the default SQLite folder sits beside the models
+        return await self.store(method, *args)
 
     @api.get("/", include_in_schema=False)
     async def index(self) -> HTMLResponse:
@@ -109,7 +132,8 @@ class Ingress:
 
     async def _recognize(self, req: S.RecognizeRequest) -> dict:
         label_set, use_llm = await self._options(req)
-        out = await self._run(self.ens.recognize([u.model_dump() for u in req.utterances], use_llm, label_set, req.alpha))
+        utts = [u.model_dump() for u in req.utterances]
+        out = await self._run(lambda: self.ens.recognize(utts, use_llm, label_set, req.alpha))
         return S.RecognizeResponse.model_validate(out).model_dump()
 
     async def call(self, route: str, body: bytes, headers: dict | None = None, session_id: str | None = None) -> tuple[int, dict]:
@@ -135,34 +159,52 @@ class Ingress:
             if route == "turn":
                 check_sid(session_id or "")
                 return 200, await self._turn(session_id, parse(body, S.TurnRequest, self.cfg.max_body_bytes))
-            raise ValueError(f"unknown route {route!r}")
+            raise ApiError(404, f"unknown route {route!r}")
         except ApiError as e:
-            return e.status, {"error": e.message, "detail": e.detail}
+            return e.status, e.body()
+        except SessionConflict as e:
+            return 409, {"error": e.message, "detail": [], "next_turn": e.next_turn}
+        except transient_errors() as e:  # the session store locked or unreachable past its timeout
+            _log.warning("transient failure, answering 503", exc_info=e)
+            return 503, unavailable(e).body()
+        except Exception as e:  # a bug: still a JSON body that names it, never a bare 500
+            _log.exception("unexpected error, answering 500")
+            return 500, {"error": f"internal error: {type(e).__name__}: {str(e)[:200]}", "detail": []}
 
     async def _turn(self, session_id: str, req: S.TurnRequest) -> dict:
         check_limits(req, self.cfg)
         label_set, use_llm = await self._options(req)
+        key = request_key(req.model_dump())
         t0 = time.perf_counter()
-        row = (await self._run(self.ens.featurize([req.utterance.model_dump()])))[0]
-        timing = {"features": (time.perf_counter() - t0) * 1e3}
-        turn, kept = await self.store("append", session_id, row)
+        timing: dict[str, float] = {}
+        # a retried request (expected_turn already stored, same key) is answered from the store, before any work
+        got = await self._session("append", session_id, None, req.expected_turn, key)
+        if got is None:
+            row = (await self._run(lambda: self.ens.featurize([req.utterance.model_dump()])))[0]
+            timing["features"] = (time.perf_counter() - t0) * 1e3
+            got = await self._session("append", session_id, row, req.expected_turn, key)  # atomic: the whole turn or none
+        turn, kept, answer = got
+        if answer is not None:
+            return answer
         # the model's context: the kept turns' features, numbered by position (earlier answers stay in the store)
         rows = [{**{k: v for k, v in r.items() if k != "prediction"}, "turn": k} for k, r in enumerate(kept)]
-        out = await self.ens.predict_rows(rows, use_llm, label_set, targets=[len(rows) - 1], timing=timing, alpha=req.alpha)
+        out = await self._run(lambda: self.ens.predict_rows(rows, use_llm, label_set, targets=[len(rows) - 1], timing=timing,
+                                                            alpha=req.alpha))
         u = out["utterances"][0]
         pred = {"turn": turn, "label_set": out["label_set"], "label": u["label"], "probs": u["probs"]}
-        await self.store("annotate", session_id, turn, pred)
         speakers = speaker_summary([*kept[:-1], {**kept[-1], "prediction": pred}], out["label_set"])
         timing["total"] = (time.perf_counter() - t0) * 1e3
-        return S.TurnResponse.model_validate({
+        answer = S.TurnResponse.model_validate({
             "session_id": session_id, "turn": turn, "n_context": len(rows), "speakers": speakers, "utterance": u, "timing_ms": timing,
             **{k: out[k] for k in ("label_set", "labels", "calibrated", "alpha", "conformal")}}).model_dump()
+        await self._session("annotate", session_id, turn, pred, answer)  # a retry of this turn now gets this answer
+        return answer
 
     async def _http(self, request: Request, route: str, session_id: str | None = None) -> JSONResponse:
         check_auth(request.headers, self.api_key)  # before reading a body
         body = await read_body(request, self.cfg.max_body_bytes)
         status, payload = await self.call(route, body, dict(request.headers), session_id)
-        return JSONResponse(payload, status_code=status)
+        return JSONResponse(payload) if status == 200 else error_response(status, payload)
 
     @api.post("/v1/recognize", response_model=S.RecognizeResponse, openapi_extra=body_spec(S.RecognizeRequest))
     async def recognize(self, request: Request):
@@ -179,7 +221,7 @@ class Ingress:
     @api.get("/v1/sessions/{session_id}")
     async def get_session(self, session_id: str) -> dict:
         check_sid(session_id)
-        s = await self.store("get", session_id)
+        s = await self._session("get", session_id)
         if s is None:
             raise ApiError(404, f"no session {session_id!r} (never started, deleted, or expired)")
         return {"session_id": session_id, "n_turns": s["n_turns"],
@@ -188,5 +230,5 @@ class Ingress:
     @api.delete("/v1/sessions/{session_id}")
     async def delete_session(self, session_id: str) -> dict:
         check_sid(session_id)
-        return {"session_id": session_id, "deleted": bool(await self.store("delete", session_id))}
+        return {"session_id": session_id, "deleted": bool(await self._session("delete", session_id))}
 

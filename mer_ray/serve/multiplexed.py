@@ -62,7 +62,8 @@ def adapters_deployment(max_num_models_per_replica: int = 3):
 
         def loaded(self) -> list[str]:
             """Adapters loaded in this replica, for tests and the bench (peft names carry a load counter)."""
-            return sorted(n.rsplit("-", 1)[0] for n in getattr(self.host.lm, "peft_config", {}) if n not in self.host.stale)
+            stale = set(self.host.stale)
+            return sorted(n.rsplit("-", 1)[0] for n in getattr(self.host.lm, "peft_config", {}) if n not in stale)
 
         async def predict(self, rows: list[dict]) -> dict:
             """One dialogue's rows -> ``{adapter, label_set, labels, probs [n, C] uncalibrated, temperature}``."""

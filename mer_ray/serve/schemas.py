@@ -91,6 +91,12 @@ class TurnRequest(_Options):
     model_config = ConfigDict(extra="forbid")
 
     utterance: Utterance = Field(..., description="The new turn; earlier turns of the session are its context.")
+    expected_turn: int | None = Field(
+        None, ge=0,
+        description="The turn number this request is (0 for a new session). A retry of a stored turn (same number, same "
+                    "request) gets the stored answer back, never a second turn; any other mismatch, or a session closed "
+                    "by DELETE or expiry, is a 409 whose body says next_turn. Without it a turn is appended as is, so a "
+                    "retried request may be stored twice.")
 
 
 Dist = dict[str, float]

@@ -1,98 +1,76 @@
-"""Streaming sessions: the turns of each dialogue, shared by every replica.
+"""Streaming sessions: the turns of each dialogue, kept where no process death can lose them.
 
-Why a named, detached Ray actor: Serve replicas come and go (autoscaling,
-crashes), so a session cannot live in one replica's memory. Every replica looks
-the store up by name, so a new or restarted replica sees the same sessions; the
-actor is detached, so it outlives the replica that created it, and it is
-restarted by Ray if it dies (``max_restarts=-1``). A file store would need a
-disk shared by every node of a cluster, which Serve does not give; an external
-database (Redis) is one more service to run. The actor keeps only what the next
-turn needs (speaker, text and the extracted feature vectors, never raw media)
-and each turn's answer when it arrived (``prediction``: the per-speaker summary),
-bounded by ``max_turns`` per session, ``max_sessions`` and an idle TTL. With
-``persist_dir`` set, each session is also written to disk (atomically), so a
-restarted store actor reloads them.
+Why no Ray actor holds them: a store actor was one process whose death restarted
+every session silently at turn 0 (issue 15). The default store is a SQLite file
+on the node's local disk (:class:`~mer_ray.serve.session_stores.SqliteStore`),
+opened by every Ingress replica of the node: WAL lets the replicas read while one
+writes, ``busy_timeout`` queues their writes, and one transaction per write makes
+each append atomic, so killing a replica at any instant leaves either the whole
+turn or none of it. Sessions shared by replicas on several nodes need a server
+all of them reach: ``backend: redis`` (:class:`~mer_ray.serve.session_stores.RedisStore`),
+with the same interface and the same rules.
 
-:class:`SessionStore` is a plain class, usable without Ray.
+The rules, the same for both stores:
+
+- a turn may carry ``expected_turn``; a turn already stored under that number
+  with the same request key (a retried request) is answered from the store, never
+  appended twice; any other mismatch is a :class:`SessionConflict` (HTTP 409);
+- a session closed by ``DELETE``, by the idle ``ttl_s`` or by ``max_sessions``
+  stays a tombstone for ``ttl_s``: its turns get 409, it is never restarted at
+  turn 0 behind the client's back (a new session takes a fresh id).
+
+A turn record is what the next turn needs (speaker, text, feature vectors, never
+raw media), its request key, its ``prediction`` (the per-speaker summary's input)
+and its full ``answer`` (what a retry gets back).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import time
-from collections import OrderedDict
 from pathlib import Path
 
 
-class SessionStore:
-    """Bounded LRU map from session id to its list of turn records (plain dicts)."""
+class SessionConflict(Exception):
+    """A turn the session cannot take (HTTP 409): ``next_turn`` is the turn it would take next."""
 
-    def __init__(self, ttl_s: float = 3600.0, max_sessions: int = 10000, max_turns: int = 64, persist_dir: str | None = None):
-        self.ttl_s, self.max_sessions, self.max_turns = ttl_s, max_sessions, max_turns
-        self.persist = Path(persist_dir) if persist_dir else None
-        self._data: OrderedDict[str, dict] = OrderedDict()
-        if self.persist:
-            self.persist.mkdir(parents=True, exist_ok=True)
-            for f in sorted(self.persist.glob("*.json")):
-                try:
-                    self._data[f.stem] = json.loads(f.read_text())
-                except (OSError, ValueError):
-                    continue  # a torn file from a crash: drop that one session
+    def __init__(self, message: str, next_turn: int):
+        super().__init__(message)
+        self.message, self.next_turn = message, next_turn
 
-    def _expire(self) -> None:
-        now = time.time()
-        for sid in [s for s, v in self._data.items() if now - v["touched"] > self.ttl_s]:
-            self.delete(sid)
-        while len(self._data) > self.max_sessions:
-            self.delete(next(iter(self._data)))
 
-    def _save(self, sid: str) -> None:
-        if self.persist:
-            tmp = self.persist / f".{sid}.tmp"
-            tmp.write_text(json.dumps(self._data[sid]))
-            os.replace(tmp, self.persist / f"{sid}.json")
+def request_key(payload: dict) -> str:
+    """The idempotency key of a turn request: a digest of everything but ``expected_turn``."""
+    body = {k: v for k, v in payload.items() if k != "expected_turn"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
-    def append(self, sid: str, record: dict) -> tuple[int, list[dict]]:
-        """Add one turn; return its 0-based turn number and the kept turns, this one last."""
-        self._expire()
-        s = self._data.pop(sid, None) or {"turns": [], "n": 0}
-        s["turns"] = (s["turns"] + [record])[-self.max_turns:]
-        s["n"] += 1
-        s["touched"] = time.time()
-        self._data[sid] = s
-        self._save(sid)
-        return s["n"] - 1, list(s["turns"])
 
-    def annotate(self, sid: str, turn: int, prediction: dict) -> bool:
-        """Keep turn ``turn``'s answer with it (False: the session or that turn is no longer kept)."""
-        s = self._data.get(sid)
-        if s is None:
-            return False
-        k = len(s["turns"]) - (s["n"] - turn)  # turns are kept in order, the newest last
-        if not 0 <= k < len(s["turns"]):
-            return False
-        s["turns"][k] = {**s["turns"][k], "prediction": prediction}
-        self._save(sid)
-        return True
+def decide(sid: str, n: int, closed: int | None, expected: int | None, key: str | None, stored_key) -> str:
+    """What an append does: ``"append"`` turn ``n``, or ``"replay"`` the stored turn ``expected``; else raise.
 
-    def get(self, sid: str) -> dict | None:
-        """``{"n_turns", "turns"}`` of a session, or None."""
-        self._expire()
-        s = self._data.get(sid)
-        return None if s is None else {"n_turns": s["n"], "turns": list(s["turns"])}
+    Args:
+        n: turns the session holds (0 for an unknown id).
+        closed: None for an open or unknown session; the turns it held when it was closed (a tombstone).
+        expected: the request's ``expected_turn`` (None: append at ``n``, with no retry protection).
+        key: the request's key; ``stored_key``: a callable giving the key stored with turn ``expected`` (or None).
+    """
+    if closed is not None:
+        raise SessionConflict(f"session {sid!r} was closed (deleted or expired) after {closed} turns; its id is not "
+                              "reused while its tombstone lasts (ttl_s): start a new session with a fresh id", closed)
+    if expected is None or expected == n:
+        return "append"
+    if expected < n:
+        have = stored_key(expected)
+        if have is not None and key is not None and have == key:
+            return "replay"
+        why = "is no longer kept" if have is None else "holds a different request"
+        raise SessionConflict(f"session {sid!r}: turn {expected} {why}; the next turn is {n}", n)
+    raise SessionConflict(f"session {sid!r}: expected_turn {expected} is ahead of the session; the next turn is {n}", n)
 
-    def delete(self, sid: str) -> bool:
-        found = self._data.pop(sid, None) is not None
-        if self.persist:
-            (self.persist / f"{sid}.json").unlink(missing_ok=True)
-        return found
 
-    def count(self) -> int:
-        return len(self._data)
-
-    def pid(self) -> int:
-        return os.getpid()
+def default_dir(models_dir: str | Path) -> Path:
+    """``<models_dir>/../sessions``: local disk, and never shared by two models dirs (their features differ)."""
+    return Path(models_dir).expanduser().resolve().parent / "sessions"
 
 
 def speaker_summary(turns: list[dict], label_set: str, last: int = 5) -> dict[str, dict]:
@@ -100,7 +78,7 @@ def speaker_summary(turns: list[dict], label_set: str, last: int = 5) -> dict[st
 
     Args:
         turns: session turn records, oldest first; those without a ``prediction`` (``{turn, label_set, label,
-            probs}``; files written before predictions were kept) are skipped, as are answers in another label set,
+            probs}``; a turn whose answer was never stored) are skipped, as are answers in another label set,
             whose labels could not be averaged with these.
         label_set: the label set of the current answer.
         last: turns per speaker.
@@ -116,14 +94,3 @@ def speaker_summary(turns: list[dict], label_set: str, last: int = 5) -> dict[st
         out[speaker] = {"turns": [p["turn"] for p in ps], "labels": [p["label"] for p in ps],
                         "mean_probs": {lab: sum(p["probs"][lab] for p in ps) / len(ps) for lab in ps[-1]["probs"]}}
     return out
-
-
-def get_store(cfg):
-    """The named store actor for ``cfg`` (a :class:`~mer_ray.serve.config.SessionConfig`), created if missing."""
-    import ray
-
-    actor = ray.remote(SessionStore).options(
-        name=cfg.actor_name, namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_restarts=-1, max_concurrency=1,
-    )
-    return actor.remote(cfg.ttl_s, cfg.max_sessions, cfg.max_turns, cfg.persist_dir)

@@ -171,14 +171,15 @@ def test_serve_yaml_validates_and_builds_against_the_app(rel):
     if "EnsembleFusion" in options:  # an `mer ensemble` run: its fusion, and one options block for every fine-tuned LLM
         expected = {"Ingress", "Featurizer", "Vanilla", "EnsembleFusion"} | ({"LLMRefiner", "FinetunedLLM"} if cfg.llm.enabled else set())
     else:
-        expected = {"Ingress", "Featurizer", "Vanilla"} | ({"LLMRefiner", "Fusion"} if cfg.llm.enabled else set()) | ({"MLLM"} if cfg.use_mllm else set())
+        text = {"FeaturizerVanilla"} if cfg.layout == "colocated" else {"Featurizer", "Vanilla"}
+        expected = {"Ingress", *text} | ({"LLMRefiner", "Fusion"} if cfg.llm.enabled else set()) | ({"MLLM"} if cfg.use_mllm else set())
     assert set(options) == expected, f"{rel}: every deployed member needs its own resources and scaling"
     for name, o in options.items():
         assert "ray_actor_options" in o and ("autoscaling_config" in o or "num_replicas" in o), name
         a = o.get("autoscaling_config")
         if a:
             assert 1 <= a["min_replicas"] <= a["max_replicas"]
-    if rel == "serve/bench.yaml":  # a benchmark runs with fixed replicas
+    if rel in ("serve/bench.yaml", "serve/bench_colocated.yaml"):  # a benchmark runs with fixed replicas
         assert all("autoscaling_config" not in o and isinstance(o["num_replicas"], int) for o in options.values())
     assert (REPO / rel).read_text().startswith("#")  # the header says how to run it
 
@@ -190,10 +191,11 @@ def test_kuberay_rayservice_embeds_the_cluster_serve_config():
     embedded = yaml.safe_load(m["spec"]["serveConfigV2"])
     _validate_serve(embedded)
     assert embedded["applications"] == load("serve/cluster.yaml")["applications"]
-    key_env = embedded["applications"][0]["args"].get("api_key_env")
-    if key_env:  # every pod must get the key the app requires
-        for pod in _pod_specs(m["spec"]["rayClusterConfig"]):
-            assert all(any(e["name"] == key_env for e in c.get("env", [])) for c in pod["containers"])
+    args = embedded["applications"][0]["args"]
+    for key_env in (args.get("api_key_env"), (args.get("sessions") or {}).get("redis_password_env")):
+        if key_env:  # every pod must get the secrets the app reads
+            for pod in _pod_specs(m["spec"]["rayClusterConfig"]):
+                assert all(any(e["name"] == key_env for e in c.get("env", [])) for c in pod["containers"]), key_env
     mounts = {mt["mountPath"] for pod in _pod_specs(m["spec"]["rayClusterConfig"]) for c in pod["containers"] for mt in c.get("volumeMounts", [])}
     assert embedded["applications"][0]["args"]["models_dir"] in mounts
 
@@ -204,3 +206,34 @@ def test_manifests_name_no_repo_file_that_does_not_exist():
     for ref in set(re.findall(r"(?:^|[\s=/])((?:jobs|serve|cluster)/[\w.-]+\.(?:py|yaml|sh))", text)):
         assert (REPO / ref).exists(), ref
     assert json.loads(json.dumps(load("cluster/kuberay-rayjob.yaml")))  # plain data, no YAML tags
+
+
+def test_kuberay_rayservice_is_highly_available():
+    """GCS fault tolerance through an external Redis, and every deployment spread over nodes with at least two
+    replicas (so losing the head, or any one node, leaves each stage served)."""
+    m = load("cluster/kuberay-rayservice.yaml")
+    rc = m["spec"]["rayClusterConfig"]
+    ft = rc["gcsFaultToleranceOptions"]
+    host, _, port = ft["redisAddress"].rpartition(":")
+    assert host and port.isdigit()
+    ref = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] and ref["key"]
+    assert ref["name"] in (REPO / "cluster/kuberay-rayservice.yaml").read_text().split("spec:")[0]  # the header says how to make it
+    # KubeRay rejects a Redis address given both here and as RAY_REDIS_ADDRESS / redis-password in rayStartParams
+    pods = _pod_specs(rc)
+    assert not any(e["name"] == "RAY_REDIS_ADDRESS" for pod in pods for c in pod["containers"] for e in c.get("env", []))
+    assert "redis-password" not in rc["headGroupSpec"]["rayStartParams"]
+    assert rc["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0"  # no replica shares the head's fate
+    apps = yaml.safe_load(m["spec"]["serveConfigV2"])["applications"]
+    deployments = [d for app in apps for d in app["deployments"]]
+    assert deployments
+    gpu_nodes = sum(g["minReplicas"] for g in rc["workerGroupSpecs"]
+                    if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"]))
+    all_nodes = sum(g["minReplicas"] for g in rc["workerGroupSpecs"])
+    for d in deployments:
+        floor = d["autoscaling_config"]["min_replicas"] if "autoscaling_config" in d else d["num_replicas"]
+        assert floor >= 2, d["name"]
+        assert d["max_replicas_per_node"] == 1, d["name"]
+        # the floor fits on the minimum cluster, one replica per node (GPU stages on GPU nodes)
+        nodes = gpu_nodes if d.get("ray_actor_options", {}).get("num_gpus") else all_nodes
+        assert floor <= nodes, (d["name"], floor, nodes)

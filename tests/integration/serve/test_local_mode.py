@@ -236,6 +236,22 @@ def turn_rows(utterances):
     return rows
 
 
+def test_session_turns_are_idempotent_and_a_closed_session_is_never_restarted(handle):
+    sid = "test-session-idem"
+    first = [call(handle, "turn", {"utterance": u, "use_llm": False, "expected_turn": i}, sid=sid) for i, u in enumerate(DIALOGUE[:2])]
+    assert [(st, out["turn"]) for st, out in first] == [(200, 0), (200, 1)]
+    # a retried turn 1 (the client never saw the answer): the stored answer, the session still holds 2 turns
+    assert call(handle, "turn", {"utterance": DIALOGUE[1], "use_llm": False, "expected_turn": 1}, sid=sid) == first[1]
+    assert handle.get_session.remote(sid).result()["n_turns"] == 2
+    for k, u in [(1, DIALOGUE[2]), (3, DIALOGUE[2])]:  # turn 1 with another utterance; a turn ahead
+        st, out = call(handle, "turn", {"utterance": u, "use_llm": False, "expected_turn": k}, sid=sid)
+        assert (st, out["next_turn"]) == (409, 2), out
+    assert handle.delete_session.remote(sid).result()["deleted"]
+    for k in (None, 0, 2):
+        st, out = call(handle, "turn", {"utterance": DIALOGUE[0], "use_llm": False, "expected_turn": k}, sid=sid)
+        assert st == 409 and out["next_turn"] == 2 and "fresh id" in out["error"], out
+
+
 def test_session_turns_use_earlier_turns_as_context(handle, models):
     from mer_ray.vanilla.predict import VanillaPredictor
 

@@ -20,7 +20,8 @@ from mer_ray.calibration.temperature import apply_temperature
 from mer_ray.data.labelmap import project
 from mer_ray.serve import schemas as S
 from mer_ray.serve.ensemble import AlphaError, Ensemble, label_map
-from mer_ray.serve.sessions import SessionStore, speaker_summary
+from mer_ray.serve.session_stores import SqliteStore
+from mer_ray.serve.sessions import speaker_summary
 from tests.integration.serve.test_local_mode import DIALOGUE, MELD7, tiny_models
 from tests.unit.serve.tiny_calibration import ALPHA_RANGE, TEMPERATURES, write_calibration
 
@@ -191,18 +192,14 @@ def test_speaker_summary_covers_each_speakers_last_five_turns_in_the_answers_lab
     S.SpeakerSummary.model_validate(out["A"])
 
 
-def test_session_store_keeps_predictions_and_reads_files_written_before_them(tmp_path):
-    d = tmp_path / "sessions"
-    d.mkdir()
-    old = {"turns": [{"speaker": "A", "text": "hi", "text_embedding": [0.0]}], "n": 1, "touched": 1e12}
-    (d / "old.json").write_text(json.dumps(old))  # the format before predictions were kept
-    store = SessionStore(max_turns=3, persist_dir=str(d))
-    assert store.get("old")["n_turns"] == 1
-    turn, kept = store.append("old", {"speaker": "B", "text": "there"})
+def test_session_store_keeps_predictions_and_skips_turns_without_one(tmp_path):
+    store = SqliteStore(tmp_path / "sessions", max_turns=3)
+    store.append("old", {"speaker": "A", "text": "hi", "text_embedding": [0.0]})  # never answered (its replica died)
+    turn, kept, _ = store.append("old", {"speaker": "B", "text": "there"})
     assert turn == 1 and store.annotate("old", turn, _pred(turn, "positive", 0.7))
     assert speaker_summary(store.get("old")["turns"], "meld_sentiment3") == {
         "B": {"turns": [1], "labels": ["positive"], "mean_probs": _pred(1, "positive", 0.7)["probs"]}}
-    reloaded = SessionStore(max_turns=3, persist_dir=str(d))  # a restarted store actor
+    reloaded = SqliteStore(tmp_path / "sessions", max_turns=3)  # another replica, or this one restarted
     assert reloaded.get("old")["turns"][-1]["prediction"]["label"] == "positive"
     for _ in range(3):
         reloaded.append("old", {"speaker": "A", "text": "more"})

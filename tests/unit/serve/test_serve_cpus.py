@@ -24,7 +24,8 @@ def ensemble_run(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("yaml", ["serve/mer.yaml", "serve/bench.yaml", "serve/ensemble.yaml"])
+@pytest.mark.parametrize("yaml", ["serve/mer.yaml", "serve/bench.yaml", "serve/ensemble.yaml", "serve/ha.yaml", "serve/colocated.yaml",
+                                  "serve/bench_colocated.yaml"])
 def test_laptop_configs_fit_two_cores(yaml, ensemble_run, tmp_path):
     models = ensemble_run if yaml == "serve/ensemble.yaml" else tmp_path / "plain"
     cfg, options, _ = resolve(yaml, [("models_dir", str(models))])
