@@ -57,6 +57,10 @@ def format_summary(summary: dict) -> str:
     if summary.get("stage_seconds"):
         lines.append("  seconds per stage (summed over actors): "
                      + ", ".join(f"{k} {v:.1f}" for k, v in summary["stage_seconds"].items()))
+    r = summary.get("retried") or {}
+    if r.get("attempts", 1) > 1:
+        lines.append(f"  retried: {r['attempts'] - 1} re-run(s) after a lost worker or node ({'; '.join(r['errors'])}): "
+                     f"{r['rows_redone']} rows redone, {r['rows_discarded']} of them received before the failure")
     if summary["top_reasons"]:
         lines.append("  most common reasons:")
         lines += [f"    {n:6d}  {reason}" for reason, n in summary["top_reasons"]]

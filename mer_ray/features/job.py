@@ -12,6 +12,7 @@ State files start with ``_`` or ``.`` so ``pyarrow.dataset`` ignores them.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -159,22 +160,23 @@ def run_extract(manifest, out_dir, media_root=None, config=None, progress: bool 
     pending = [s for s in range(n_shards) if not shard_path(out, s).exists()]
     skipped = n_shards - len(pending)
     has_media = cfg.media and _has_media(table)
-    stage_seconds: dict = {}
+    run: dict = {"stage_seconds": {}, "retried": {}}
     metadata = {"face_labels": list(FER_LABELS), "extract_config": cfg.model_dump(), "media_root": root}
     if pending and not n:  # an empty manifest still gives a readable, typed (empty) store
         _write_shard(out, 0, [table.append_column("_row", pa.array([], pa.int64()))], table.column_names, metadata)
     elif pending:
         if not ray.is_initialized():
             raise ExtractError("run_extract needs a running Ray: start one first (mer_ray.runtime.start_ray)")
-        stage_seconds = _run_ray(table, out, pending, cfg, root, has_media, metadata, progress)
+        run = _run_ray(table, out, pending, cfg, root, has_media, metadata, progress)
     summary = summarize(out)
-    summary.update(stage_seconds=stage_seconds, shards=n_shards, shards_skipped=skipped, seconds=round(time.time() - t0, 2), out_dir=str(out))
+    summary.update(stage_seconds=run["stage_seconds"], retried=run["retried"],
+                   shards=n_shards, shards_skipped=skipped, seconds=round(time.time() - t0, 2), out_dir=str(out))
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def _run_ray(table, out, pending, cfg, root, has_media, metadata, progress) -> dict:
-    """Cut the pending shards into units and run the stages on Ray; returns seconds per stage."""
+    """Cut the pending shards into units and run the stages on Ray; returns :func:`_execute`'s dict."""
     import pyarrow.compute as pc
     import ray
 
@@ -183,56 +185,127 @@ def _run_ray(table, out, pending, cfg, root, has_media, metadata, progress) -> d
     table = table.append_column("_row", pa.array(range(n), pa.int64()))
     table = table.append_column("_shard", pc.divide(table.column("_row"), cfg.shard_size))
     unit = cfg.batch_rows if has_media else cfg.text_batch_rows
-    units, expected = [], {}
-    for s in pending:
-        lo, hi = s * cfg.shard_size, min(n, (s + 1) * cfg.shard_size)
-        expected[s] = hi - lo
-        units += [table.slice(i, min(unit, hi - i)) for i in range(lo, hi, unit)]
     stages = build_stages(cfg, root, has_media)
     if cfg.fuse and len(stages) > 1 and not any(s.resources.num_gpus for s in stages):
         stages = [fuse_stages(stages, cfg.fused)]
-    factor = _fit_resources(stages, ray.cluster_resources().get("CPU", 1.0))
     ctx = ray.data.DataContext.get_current()
     saved, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # our bar counts utterances instead
+    stage_seconds: Counter = Counter()
+    retried = {"attempts": 0, "errors": [], "rows_redone": 0, "rows_discarded": 0, "attempt_started_at": []}
     try:
-        return _execute(ray, units, stages, factor, expected, out, manifest_cols, metadata, progress)
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            pending = [s for s in pending if not shard_path(out, s).exists()]
+            if not pending:
+                break
+            units, expected = [], {}
+            for s in pending:
+                lo, hi = s * cfg.shard_size, min(n, (s + 1) * cfg.shard_size)
+                expected[s] = hi - lo
+                units += [table.slice(i, min(unit, hi - i)) for i in range(lo, hi, unit)]
+            if attempt > 1:
+                retried["rows_redone"] += sum(expected.values())
+            retried["attempts"] = attempt
+            retried["attempt_started_at"].append(round(time.time(), 3))
+            factor = _fit_resources(stages, ray.cluster_resources().get("CPU", 1.0))  # fewer CPUs after a node is lost
+            try:
+                _execute(ray, units, stages, factor, expected, out, manifest_cols, metadata, progress, stage_seconds, retried)
+                break
+            except _retriable() as e:  # a node, a worker or its objects died: redo the shards not yet on disk
+                retried["errors"].append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                gc.collect()  # drop the failed run's actor handles, so its actors exit and free their CPUs
+                time.sleep(RETRY_BACKOFF_S * attempt)
+                if attempt == MAX_ATTEMPTS:
+                    raise
+                log.warning("extraction attempt %d lost a worker (%s); re-running the shards not yet written", attempt, type(e).__name__)
     finally:
         ctx.enable_progress_bars = saved
+    return {"stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()}, "retried": retried}
 
 
-def _execute(ray, units, stages, factor, expected, out, manifest_cols, metadata, progress) -> dict:
-    """Run the stages over the units; write each shard as soon as all its rows are in."""
-    import pyarrow.compute as pc
+#: Fault tolerance. A lost node, worker or block fails the Ray Data run with a Ray error; the driver
+#: then re-runs the shards not yet on disk (new actor pools, sized to the CPUs left), up to
+#: ``MAX_ATTEMPTS`` runs in all. Shards are written once, atomically, so no row is duplicated, and
+#: every stage maps whole units fixed before the run, so a redone row has the same batch-mates.
+#: Ray's own actor restarts are off (``max_restarts: 0``): on Ray 2.60, removing a node under a pool
+#: with restarts on either failed the run with ``ActorUnavailableError`` or hung it for good (a
+#: restarted actor, blocks lost with the node) - measured in ``tests/chaos/test_extract_faults.py``.
+ACTOR_FT = {"max_restarts": 0}
+MAX_ATTEMPTS = 4
+#: Seconds to wait before re-run k (times k): Ray takes ~15 s to declare a lost node dead, and a re-run
+#: started before that may place an actor on it and fail again (seen: ``ActorDiedError`` on the 2nd run).
+RETRY_BACKOFF_S = 5.0
+
+
+#: Seconds to fetch one finished block. A block is fetched once its task is done, so this only
+#: bounds a block lost with its node: Ray 2.60's ``iter_batches`` was seen to wait on such a block
+#: for good after the run had already failed (``docs/fault_tolerance.md``).
+BLOCK_GET_TIMEOUT_S = 60.0
+
+
+def _retriable():
+    import ray.exceptions as rex
+
+    return (rex.RayActorError, rex.ObjectLostError, rex.NodeDiedError, rex.WorkerCrashedError, rex.OwnerDiedError,
+            rex.GetTimeoutError)
+
+
+def fetch_blocks(ray, ds):
+    """The dataset's output blocks, in the order they finish, each fetched with a timeout."""
+    for bundle in ds.iter_internal_ref_bundles():
+        for entry in bundle.blocks:
+            yield ray.get(entry.ref, timeout=BLOCK_GET_TIMEOUT_S)
+
+
+def _execute(ray, units, stages, factor, expected, out, manifest_cols, metadata, progress, stage_seconds, retried) -> None:
+    """Run the stages over the units; write each shard as soon as all its rows are in.
+
+    Adds to ``stage_seconds`` (per stage) and to ``retried["rows_discarded"]`` (rows received for shards
+    not yet written when a Ray failure stops the run: they are redone).
+    """
     from tqdm import tqdm
 
-    ds = ray.data.from_arrow(units)
+    # from_blocks: one block per unit, metadata computed here (from_arrow runs a 1-CPU task per table,
+    # which cannot be placed while a node's CPUs are still held by a failed run's actors)
+    ds = ray.data.from_blocks(units)
     for st in stages:
         r = st.resources
         actor, args = (FusedStage, (st.kwargs["parts"], st.drop)) if st.cls.endswith(":FusedStage") else \
             (ArrowStage, (st.name, st.cls, st.kwargs, st.drop))
+        # SPREAD: a pool's actors go to different nodes where they can, so one node lost is a share of each pool.
         ds = ds.map_batches(actor, fn_constructor_args=args, batch_size=None,
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=r.pool_size),
-                            num_cpus=r.num_cpus * factor, num_gpus=r.num_gpus or None)
+                            num_cpus=r.num_cpus * factor, num_gpus=r.num_gpus or None,
+                            scheduling_strategy="SPREAD", **ACTOR_FT)
     buffers: dict[int, list] = defaultdict(list)
     got: Counter = Counter()
     bar = tqdm(total=sum(expected.values()), desc="extract", unit="utt", disable=not progress)
-    stage_seconds: Counter = Counter()
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for name in block.column_names:
-            if name.startswith("_sec_"):
-                stage_seconds[name[5:]] += pc.sum(block.column(name)).as_py() or 0.0
-        for s in sorted(set(block.column("_shard").to_pylist())):
-            part = block.filter(pc.equal(block.column("_shard"), s))
-            buffers[s].append(part)
-            got[s] += part.num_rows
-            if got[s] == expected[s]:
-                _write_shard(out, s, buffers.pop(s), manifest_cols, metadata)
-        bar.update(block.num_rows)
-    bar.close()
+    try:
+        for block in fetch_blocks(ray, ds):
+            _collect(block, buffers, got, expected, out, manifest_cols, metadata, stage_seconds, retried)
+            bar.update(block.num_rows)
+    except _retriable():
+        retried["rows_discarded"] += sum(got[s] for s in buffers)
+        raise
+    finally:
+        bar.close()
     missing = {s: expected[s] - got[s] for s in expected if got[s] != expected[s]}
     if missing:
         raise ExtractError(f"pipeline lost rows in shards {missing}")
-    return {k: round(v, 3) for k, v in stage_seconds.items()}
+
+
+def _collect(block, buffers, got, expected, out, manifest_cols, metadata, stage_seconds, retried) -> None:
+    """Buffer one finished block by shard; write every shard whose rows are all in."""
+    import pyarrow.compute as pc
+
+    for name in block.column_names:
+        if name.startswith("_sec_"):
+            stage_seconds[name[5:]] += pc.sum(block.column(name)).as_py() or 0.0
+    for s in sorted(set(block.column("_shard").to_pylist())):
+        part = block.filter(pc.equal(block.column("_shard"), s))
+        buffers[s].append(part)
+        got[s] += part.num_rows
+        if got[s] == expected[s]:
+            _write_shard(out, s, buffers.pop(s), manifest_cols, metadata)
 
 
 def summarize(out_dir) -> dict:

@@ -10,6 +10,7 @@ as a Parquet part, so a re-run skips what is done (``ok``) and retries failures.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -105,6 +106,21 @@ def write_part(out_dir: Path, table: pa.Table, run_id: str, idx: int) -> int:
     return table.num_rows
 
 
+#: Fault tolerance: a lost LLM actor (or its node) fails the Ray Data run, and the driver re-runs the
+#: queries without a result yet, up to ``MAX_ATTEMPTS`` runs in all (new actors; the parts already
+#: written stay). Ray's actor restarts are off: the extraction job measured hangs and
+#: ``ActorUnavailableError`` with them on Ray 2.60 (``docs/fault_tolerance.md``).
+ACTOR_FT = {"max_restarts": 0}
+MAX_ATTEMPTS = 4
+RETRY_BACKOFF_S = 5.0  #: seconds before re-run k (times k), as in extraction
+
+
+def _retriable():
+    from mer_ray.features.job import _retriable as extraction_retriable
+
+    return extraction_retriable()
+
+
 def run_prompt_job(queries: pa.Table, out_dir: str | Path, backend: dict, labels: list[str],
                    num_actors: int = 1, cpus_per_actor: float = 1.0, max_group: int = 400,
                    retry_failed: bool = True, progress: bool = True) -> dict:
@@ -122,30 +138,58 @@ def run_prompt_job(queries: pa.Table, out_dir: str | Path, backend: dict, labels
             if s == "ok" or not retry_failed}
     todo = queries.filter(pa.array([q not in skip for q in queries["query_id"].to_pylist()], pa.bool_()))
     t0 = time.perf_counter()
-    n_written = 0
+    retried = {"attempts": 0, "errors": [], "queries_redone": 0}
+    written: set[str] = set()  # query ids with a result part from this call (parts are atomic)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        # a re-run after a lost actor or node scores only the queries without a result from this call
+        left = todo.filter(pa.array([q not in written for q in todo["query_id"].to_pylist()], pa.bool_()))
+        if not left.num_rows:
+            break
+        retried["attempts"] = attempt
+        if attempt > 1:
+            retried["queries_redone"] += left.num_rows
+        try:
+            _score(ray, left, out_dir, backend, labels, num_actors, cpus_per_actor, max_group, progress, written)
+            break
+        except _retriable() as e:
+            retried["errors"].append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            gc.collect()  # drop the failed run's actor handles, so its actors exit and free their CPUs
+            time.sleep(RETRY_BACKOFF_S * attempt)
+            if attempt == MAX_ATTEMPTS:
+                raise
+    return summarise(queries, out_dir, todo, len(written), time.perf_counter() - t0, retried)
+
+
+def _score(ray, todo: pa.Table, out_dir: Path, backend, labels, num_actors, cpus_per_actor, max_group, progress,
+           written: set[str]) -> None:
+    """One Ray Data run over ``todo``; each result batch is written as a part as it comes (ids added to ``written``)."""
+    from mer_ray.features.job import fetch_blocks  # the same bounded block fetch as extraction
+
     if todo.num_rows:
         groups = _groups(todo, max_group)
         ds = ray.data.from_items(groups, override_num_blocks=len(groups))
+        # A dead actor fails the run (no Ray restart, see MAX_ATTEMPTS); SPREAD puts actors on different nodes.
         ds = ds.map_batches(ScorerWorker, fn_constructor_kwargs={"backend": backend, "labels": labels},
                             batch_size=1, batch_format="numpy", num_cpus=cpus_per_actor,
-                            compute=ray.data.ActorPoolStrategy(size=num_actors))
+                            compute=ray.data.ActorPoolStrategy(size=num_actors), scheduling_strategy="SPREAD", **ACTOR_FT)
         run_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=todo.num_rows, desc="lantern prompts", unit="q")
-        for i, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
-            n = write_part(out_dir, batch, run_id, i)
-            n_written += n
+        try:
+            for i, batch in enumerate(fetch_blocks(ray, ds)):
+                n = write_part(out_dir, batch, run_id, i)
+                written.update(batch["query_id"].to_pylist())
+                if bar:
+                    bar.update(n)
+        finally:
             if bar:
-                bar.update(n)
-        if bar:
-            bar.close()
-    return summarise(queries, out_dir, todo, n_written, time.perf_counter() - t0)
+                bar.close()
 
 
-def summarise(queries: pa.Table, out_dir: Path, todo: pa.Table, n_written: int, wall: float) -> dict:
+def summarise(queries: pa.Table, out_dir: Path, todo: pa.Table, n_written: int, wall: float, retried: dict | None = None) -> dict:
     """Count every query of ``queries`` as ok, failed or missing; writes and returns ``summary.json``."""
     res = read_results(out_dir)
     status = dict(zip(res["query_id"].to_pylist(), res["status"].to_pylist()))
@@ -160,7 +204,7 @@ def summarise(queries: pa.Table, out_dir: Path, todo: pa.Table, n_written: int, 
         "failed": sum(status.get(q) == "failed" for q in all_ids),
         "missing": sum(q not in status for q in all_ids), "failed_by_reason": errors,
         "scored_this_run": n_written, "skipped_done": queries.num_rows - todo.num_rows,
-        "wall_seconds": wall,
+        "wall_seconds": wall, "retried": retried or {},
         "tokens_evaluated": int(np.sum(res["tokens_evaluated"].to_numpy(zero_copy_only=False))),
         "tokens_reused": int(np.sum(res["tokens_reused"].to_numpy(zero_copy_only=False))),
     }

@@ -64,6 +64,9 @@ class TrainConfig(BaseModel):
     """Use only the first N training dialogues (0: all); for quick runs."""
     fail_after_epoch: int = -1
     """Tests only: raise once after checkpointing this epoch, to exercise resuming."""
+    progress_file: str | None = None
+    """Tests only: after every batch the worker writes its pid, epoch and step here (JSON), so a
+    fault-injection test can find the live worker and kill it mid-epoch."""
 
 
 def read_store_split(store: str | Path, split: str):
@@ -164,6 +167,8 @@ def train_loop_per_worker(config: dict) -> None:
             batch = collate([train[i] for i in idx], mcfg)
             losses.append(train_step(model, batch, optimizer, scheduler, sentiment_weight=cfg.sentiment_weight,
                                      vad_weight=cfg.vad_weight, label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip)["total"])
+            if cfg.progress_file:
+                _write_progress(cfg.progress_file, epoch, k, len(batches), cfg.epochs)
             if k % 50 == 0:
                 print(f"[vanilla] seed {cfg.seed} epoch {epoch} batch {k}/{len(batches)} loss {np.mean(losses[-50:]):.4f}", flush=True)
         probs = predict_dialogues(model, dev, mcfg)
@@ -181,8 +186,19 @@ def train_loop_per_worker(config: dict) -> None:
             raise RuntimeError(f"fail_after_epoch={epoch}: simulated crash (tests)")
 
 
+def _write_progress(path: str, epoch: int, batch: int, n_batches: int, epochs: int) -> None:
+    """Atomically write the worker's pid and position (``step`` counts batches done since epoch 0)."""
+    import os
+
+    step = epoch * n_batches + batch + 1
+    tmp = f"{path}.{os.getpid()}.tmp"
+    Path(tmp).write_text(json.dumps({"pid": os.getpid(), "epoch": epoch, "batch": batch, "n_batches": n_batches,
+                                     "step": step, "total_steps": n_batches * epochs}))
+    os.replace(tmp, path)
+
+
 def fit(cfg: TrainConfig, store: str | Path, storage_path: str | Path, name: str, export_dir: str | Path | None = None,
-        max_failures: int = 0) -> dict:
+        max_failures: int = 2) -> dict:
     """Train one seed with ``TorchTrainer`` (one worker), then export the best dev epoch.
 
     Args:
@@ -190,7 +206,8 @@ def fit(cfg: TrainConfig, store: str | Path, storage_path: str | Path, name: str
         store: feature store with a ``split`` column.
         storage_path, name: where Ray Train keeps the run; reusing both resumes the run.
         export_dir: where to copy the best checkpoint as a model directory (``model.pt`` + ``vanilla.json``).
-        max_failures: worker failures Ray Train retries (each retry resumes from the last checkpoint).
+        max_failures: worker failures Ray Train retries (each retry resumes from the last checkpoint, and ends
+            where an uninterrupted run ends: ``tests/chaos/test_train_faults.py``); 0 fails on the first.
 
     Returns:
         ``{"best_epoch", "best_checkpoint", "history", "export_dir"}``.

@@ -9,11 +9,9 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -113,6 +111,7 @@ def tiny_base(tmp_path_factory):
 @pytest.mark.ray
 def test_killed_worker_resumes_from_checkpoint_and_finishes(ray_local, tiny_base, meld_dir, tmp_path):
     """ZeRO-3 over 2 workers, coarse-to-fine: SIGKILL rank 0 mid-run; the group restarts from the last checkpoint."""
+    from mer_ray.bench.chaos import kill_when_step
     from mer_ray.config import load
     from mer_ray.mllm.config import FinetuneConfig
     from mer_ray.mllm.predict import MLLMPredictor
@@ -124,26 +123,10 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(ray_local, tiny_base
         "train.mode=coarse_to_fine", "train.phase1_steps=3", "train.max_steps=8", "train.checkpoint_every=2", "train.warmup_steps=0",
         "train.min_step_seconds=0.7", f"train.pid_file={pid_file}", "ray.num_workers=2", "ray.cpus_per_worker=1", "ray.max_failures=1",
         f"ray.storage_path={tmp_path / 'ray_results'}", f"out={tmp_path / 'out'}"])
-    killed = {}
-
-    def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                info = json.loads(pid_file.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                time.sleep(0.05)
-                continue
-            if info["step"] >= 3:
-                os.kill(info["pid"], signal.SIGKILL)
-                killed.update(info)
-                return
-            time.sleep(0.05)
-
-    th = threading.Thread(target=killer, daemon=True)
-    th.start()
+    th = kill_when_step(pid_file, 3)  # SIGKILL rank 0 once it reports step 3
     summary = run_finetune(cfg)
     th.join(timeout=1)
+    killed = th.killed
     assert killed, "the worker was never killed"
     m = summary["metrics"]
     assert m["step"] == 8 and m["final"]
@@ -253,6 +236,7 @@ def test_ray_job_submit_cpu_config_then_predict(meld_dir, tmp_path):
 def test_dialogue_template_trains_checkpoints_by_time_and_a_rerun_resumes_after_the_driver_died(ray_local, meld_dir, tmp_path):
     """farcer-dialogue-v1 on Ray Train: checkpoints at least every `checkpoint_every_min`; a first run whose worker is
     killed with no retries left fails; the same command again (same run name) resumes from its last checkpoint."""
+    from mer_ray.bench.chaos import kill_when_step
     from mer_ray.config import load
     from mer_ray.mllm.config import FinetuneConfig
     from mer_ray.mllm.predict import MLLMPredictor
@@ -268,21 +252,7 @@ def test_dialogue_template_trains_checkpoints_by_time_and_a_rerun_resumes_after_
             "ray.name=dialogue_resume", f"ray.storage_path={tmp_path / 'ray_results'}", f"out={tmp_path / 'out'}"]
     cfg = load(FinetuneConfig, REPO / "jobs" / "finetune_farcer_meld.yaml", sets)
 
-    def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                info = json.loads(pid_file.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                time.sleep(0.05)
-                continue
-            if info["step"] >= 4:
-                os.kill(info["pid"], signal.SIGKILL)
-                return
-            time.sleep(0.05)
-
-    th = threading.Thread(target=killer, daemon=True)
-    th.start()
+    th = kill_when_step(pid_file, 4)
     with pytest.raises(Exception):  # noqa: B017 - Ray Train's error type differs across versions; what matters is the rerun
         run_finetune(cfg)
     th.join(timeout=1)
