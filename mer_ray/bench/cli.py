@@ -74,24 +74,35 @@ def bench_serve_cmd(
         "--models",
         help="Models dir (default: the config's; when absent there, the demo models are built first and the JSON records it).",
     ),
-    config: Path | None = typer.Option(None, "--config", help="Serve YAML with fixed replicas (default serve/bench.yaml)."),
-    requests: int = typer.Option(500, help="Requests per concurrency level without the LLM."),
-    llm_requests: int = typer.Option(50, help="Requests with the LLM (at concurrency 4)."),
+    config: list[Path] = typer.Option([], "--config", help="Serve YAML with fixed replicas, repeatable: one layout each (default serve/bench.yaml)."),
+    requests: int = typer.Option(500, help="Requests per setting and concurrency level without the LLM."),
+    llm_requests: int = typer.Option(12, help="Requests with the LLM (Serve, concurrency 4; ~1-3 s each); 0 skips it."),
     concurrency: str = typer.Option("1,4,16", help="Concurrency levels without the LLM."),
-    port: int = typer.Option(8011, help="HTTP port on 127.0.0.1."),
-    data_dir: Path | None = typer.Option(None, help="MELD dir for payloads (default $MER_MELD_DIR; else generated dialogues)."),
+    threads: str = typer.Option("1,2", help="Torch threads swept on every side."),
+    pools: str = typer.Option("4,16", help="Worker-thread pool sizes swept on the uvicorn side."),
+    port: int = typer.Option(8011, help="HTTP port on 127.0.0.1 (Serve; the uvicorn baseline takes the next one)."),
+    data_dir: Path | None = typer.Option(None, help="MELD dir whose dev dialogues are the payloads (default $MER_MELD_DIR)."),
+    payloads: str = typer.Option("meld", help="meld (needs --data-dir or $MER_MELD_DIR) or generated (the demo corpus)."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke run: 40 requests, 4 with the LLM, 1 torch thread, pool 16."),
     num_cpus: float | None = typer.Option(None, help="CPUs of the local Ray instance (default: all)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key of the app's args, e.g. --set torch_threads=2."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key of the app's args, e.g. --set llm.n_threads=1."),
 ):
-    """Bounded load on 127.0.0.1, against the same pipeline in-process: rps, p50, p99, errors (JSON)."""
-    import json
-
+    """Serve vs a plain uvicorn server vs in-process, same payloads and load: rps, p50, p99, errors, ratios (JSON)."""
     from mer_ray.bench.serve import run_bench
+    from mer_ray.bench.serve_load import PayloadError
 
-    res = run_bench(out=out, models_dir=models, config=config, n_requests=requests, n_llm=llm_requests,
-                    levels=[int(c) for c in concurrency.split(",")], port=port, data_dir=data_dir, num_cpus=num_cpus,
-                    overrides=set_)
-    typer.echo(json.dumps({k: res[k] for k in ("errors", "serve_over_inprocess", "p99_over_p50")}, indent=1))
+    if quick:
+        requests, llm_requests, threads, pools = min(requests, 40), min(llm_requests, 4), "1", "16"
+    try:
+        res = run_bench(out=out, models_dir=models, configs=config or None, n_requests=requests, n_llm=llm_requests,
+                        levels=[int(c) for c in concurrency.split(",")], port=port, data_dir=data_dir, payload_kind=payloads,
+                        num_cpus=num_cpus, overrides=set_, threads=[int(t) for t in threads.split(",")],
+                        pools=[int(p) for p in pools.split(",")])
+    except PayloadError as e:
+        typer.echo(f"mer bench serve: {e}", err=True)
+        raise typer.Exit(2) from None
+    keys = ("errors", "serve_over_uvicorn", "serve_over_inprocess", "serve_over_inprocess_batched", "p99_over_p50", "c1_p50_over_uvicorn")
+    typer.echo(json.dumps({k: res[k] for k in keys}, indent=1))
     typer.echo(f"wrote {out}")
 
 
@@ -139,4 +150,24 @@ def bench_probe_cmd(
     typer.echo(json.dumps({"pass": res["pass"], **{k: {"model_acc": round(v["model"]["test"]["accuracy"], 2),
                                                        "probe_acc": round(v["probe"]["test"]["accuracy"], 2), "pass": v["pass"]}
                                                    for k, v in res["feature_sets"].items()}}, indent=1))
+    typer.echo(f"wrote {out}")
+
+
+@app.command("chaos")
+def bench_chaos_cmd(
+    out: Path = typer.Option(..., "--out", help="JSON file to write."),
+    work_dir: Path | None = typer.Option(None, help="Where the runs write (default: a temporary directory)."),
+    meld_dir: Path | None = typer.Option(None, help="MELD directory for the LLM fine-tuning scenario (default: $MER_MELD_DIR)."),
+    models: str | None = typer.Option(None, "--models", help="Models directory for the Serve scenarios (chaos_serve)."),
+    only: str | None = typer.Option(None, help="Comma-separated scenario names to run (default: all)."),
+) -> None:
+    """Kill a node, an actor or a worker mid-run in every stage, on a 1 + 2 node test cluster; lost, duplicated, recovery (JSON)."""
+    import os
+
+    from mer_ray.bench.chaos import run_bench
+
+    meld = meld_dir or (Path(os.environ["MER_MELD_DIR"]) if os.environ.get("MER_MELD_DIR") else None)
+    res = run_bench(out, work_dir=work_dir, meld_dir=meld, models_dir=models, only=only.split(",") if only else None)
+    typer.echo(json.dumps({k: {f: v.get(f) for f in ("lost", "duplicated", "recovery_s", "failed_requests")}
+                           for k, v in res["scenarios"].items()}, indent=1))
     typer.echo(f"wrote {out}")
