@@ -62,4 +62,4 @@ def test_multiplexed_adapters_answer_in_their_labels_and_reload_identically(ray_
         with pytest.raises(Exception, match="unknown adapter 'therapy'"):
             ask("therapy")
     finally:
-        serve.delete("adapters_test")
+        serve.shutdown()  # the session's Ray stays up for later modules; Serve goes, so the next serve.start applies its options

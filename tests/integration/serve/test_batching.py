@@ -39,16 +39,12 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def apps(tmp_path_factory, models):
-    import ray
+def apps(ray_local, models):
+    # the session's Ray (tests/conftest.py): a module that shut Ray down would leave later modules without it
     from ray import serve
 
     from mer_ray.serve.builder import build_app
-    from mer_ray.serve.deploy import start_local_ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    start_local_ray(num_cpus=4, temp_dir=str(tmp_path_factory.mktemp("ray")))
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     handles = {}
     for layout in ("split", "colocated"):
@@ -56,7 +52,6 @@ def apps(tmp_path_factory, models):
         handles[layout] = serve.run(build_app(cfg, options(layout)), name=layout, route_prefix=f"/{layout}")
     yield handles
     serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
