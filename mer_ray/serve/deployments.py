@@ -41,8 +41,12 @@ class BatchSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1)
     """Most dialogues in one batch (keep ``max_ongoing_requests`` at least this, or batches never fill)."""
     batch_wait_timeout_s: float = Field(0.002, ge=0)
-    """How long the first dialogue of a batch waits for more. Batches mostly fill while the previous batch
-    runs; a long wait would only delay a lone request."""
+    """How long the first dialogue of a batch waits for more; a long wait would only delay a lone request."""
+    max_concurrent_batches: int = Field(4, ge=1)
+    """Batches running at once (in threads). Ray 2.60's ``@serve.batch`` forms a batch as soon as one request
+    is queued and only then waits for this semaphore (``_BatchQueue._process_batches``), so with 1 every
+    batch under load was one dialogue and they ran one after another: 12.6 requests/s against 17-18 for
+    the unbatched replica (docs/serve.md). Set when the replica starts (``reconfigure`` rebuilds the queues)."""
 
 
 class BatchStats:
@@ -97,9 +101,8 @@ class _Batched:
                 return await asyncio.to_thread(fn, items)  # off the loop: the next batch keeps filling meanwhile
 
             run.__name__ = name
-            s = self.settings
-            self.batched[name] = serve.batch(max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s)(run)
             self.unbatched[name] = run
+        self._decorate()
         try:  # Serve's batch queue needs a replica context, which local testing mode does not set (Ray 2.60)
             serve.get_replica_context()
             self.in_replica = True
@@ -112,12 +115,18 @@ class _Batched:
             return _unwrap(await self.batched[name](item))
         return _unwrap((await self.unbatched[name]([item]))[0])
 
+    def _decorate(self) -> None:
+        # fresh @serve.batch wrappers: max_concurrent_batches can only be given at decoration (the queue is made on
+        # the first call, so a replica reconfigured before traffic, as Serve does at start, gets it)
+        s = self.settings
+        self.batched = {name: serve.batch(max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
+                                          max_concurrent_batches=s.max_concurrent_batches)(run)
+                        for name, run in self.unbatched.items()}
+
     def reconfigure(self, config: dict) -> None:
         """Apply the YAML's ``user_config`` (:class:`BatchSettings`) to every batched method of this replica."""
         self.settings = BatchSettings.model_validate(config or {})
-        for fn in self.batched.values():
-            fn.set_max_batch_size(self.settings.max_batch_size)
-            fn.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self._decorate()
 
     def batch_stats(self) -> dict[str, int]:
         """``{"calls", "items", "max"}`` since start: batches run, dialogues in them, the largest batch."""

@@ -161,7 +161,8 @@ def test_featurizer_vanilla_composes_the_two_members_in_one_call(models):
     rows, out = asyncio.run(fv.featurize_predict(ds[1]))
     assert max_delta(out["emotion_probs"], van.predict(feat.featurize(ds[1]))["emotion_probs"]) <= TOL
     assert fv.batch_stats() == {"calls": 1, "items": 1, "max": 1}
-    fv.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.01})
+    fv.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "max_concurrent_batches": 2})
+    assert fv.settings.max_concurrent_batches == 2 and set(fv.batched) == {"featurize_predict", "featurize", "predict"}
     assert {f._get_max_batch_size() for f in fv.batched.values()} == {4}
     assert {f._get_batch_wait_timeout_s() for f in fv.batched.values()} == {0.01}
     asyncio.run(fv.check_health())  # both probes pass on healthy models
