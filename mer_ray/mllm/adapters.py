@@ -19,7 +19,7 @@ import re
 import shutil
 import threading
 from collections import deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -198,28 +198,17 @@ class AdapterHost:
                                       self.batch_size, meta["label_set"])
         return LoadedAdapter(self, name, predictor, peft_name, Calibration.load(d))
 
+    @contextmanager
     def active(self, adapter: LoadedAdapter):
         """A context in which the shared model computes with ``adapter``'s LoRA (or none, for a projector-only one)."""
-        host = self
-
-        class _Active:
-            def __enter__(self):
-                host.lock.acquire()
-                ctx = nullcontext()
-                if adapter.peft_name:
-                    host.lm.set_adapter(adapter.peft_name)
-                elif hasattr(host.lm, "disable_adapter"):
-                    ctx = host.lm.disable_adapter()  # LoRA layers were injected in place: switch them off
-                self.ctx = ctx
-                ctx.__enter__()
-
-            def __exit__(self, *exc):
-                try:
-                    self.ctx.__exit__(*exc)
-                finally:
-                    host.lock.release()
-
-        return _Active()
+        with self.lock:
+            ctx = nullcontext()
+            if adapter.peft_name:
+                self.lm.set_adapter(adapter.peft_name)
+            elif hasattr(self.lm, "disable_adapter"):
+                ctx = self.lm.disable_adapter()  # LoRA layers were injected in place: switch them off
+            with ctx:
+                yield
 
     def unload(self, peft_name: str | None) -> None:
         """Mark one loaded adapter's LoRA weights free (None: a projector-only adapter, nothing to free).
