@@ -39,7 +39,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check mer_ray tests jobs
-	$(BIN)/python -m pytest -m "not gpu" -q --timeout=900 --durations=15 --ignore=tests/integration/serve/test_http.py tests
+	$(BIN)/python -m pytest -m "not gpu and not chaos_full" -q --timeout=900 --durations=15 --ignore=tests/integration/serve/test_http.py tests
 	# The real-HTTP Serve tests get their own interpreter: an in-process Serve (local testing mode)
 	# earlier in the same process leaves uvicorn state that breaks pickling the ingress class
 	# (measured: see docs/architecture.md, "Tests").

@@ -20,6 +20,9 @@ from pathlib import Path
 
 DIALOGUE = [{"speaker": "Ross", "text": "We were on a break!"}, {"speaker": "Rachel", "text": "Oh, I can't believe you said that."}]
 HA_YAML = "serve/ha.yaml"
+#: The request every load sends; the LLM scenarios send it with ``use_llm: true``.
+BODY = {"utterances": DIALOGUE, "use_llm": False}
+LLM_BODY = {"utterances": DIALOGUE, "use_llm": True}
 
 
 def free_port() -> int:
@@ -43,11 +46,23 @@ def replica_pids(deployment: str, app: str = "mer") -> list[int]:
     return actor_pids(f"ServeReplica:{app}:{deployment}")
 
 
-def deploy_app(models_dir: str, sessions_dir: str, port: int, replicas: int | None = None, yaml: str = HA_YAML) -> str:
-    """Deploy ``yaml`` (every deployment at ``replicas`` when given) on the connected Ray; the base URL."""
+def deploy_app(models_dir: str, sessions_dir: str, port: int, replicas: int | None = None, yaml: str = HA_YAML,
+               overrides: list[tuple[str, str]] | None = None, colocated: bool = False) -> str:
+    """Deploy ``yaml`` (every deployment at ``replicas`` when given) on the connected Ray; the base URL.
+
+    ``colocated``: the same YAML in the co-located layout, ``FeaturizerVanilla`` taking the ``Featurizer``
+    entry's options (replicas, health checks) and the two stages' CPUs together.
+    """
     from mer_ray.serve.deploy import deploy, resolve
 
-    cfg, options, app = resolve(yaml, [("models_dir", models_dir), ("sessions.dir", sessions_dir)])
+    over = [("models_dir", models_dir), ("sessions.dir", sessions_dir), *(overrides or [])]
+    if colocated:
+        over.append(("layout", "colocated"))
+    cfg, options, app = resolve(yaml, over)
+    if colocated:
+        feat, van = options.pop("Featurizer"), options.pop("Vanilla")
+        cpus = feat["ray_actor_options"]["num_cpus"] + van["ray_actor_options"]["num_cpus"]
+        options["FeaturizerVanilla"] = {**feat, "ray_actor_options": {**feat["ray_actor_options"], "num_cpus": cpus}}
     if replicas is not None:
         options = {k: {**v, "num_replicas": replicas} for k, v in options.items()}
     return deploy(cfg, options, port=port, name=app.get("name", "mer"), timeout_s=300)
@@ -70,8 +85,8 @@ def _post(client, url: str, path: str, body: dict):
         return type(e).__name__, None, None  # no HTTP answer at all (the proxy gone)
 
 
-def load(url: str, n: int, concurrency: int, kill_at: int, kill, time_limit_s: float = 120.0) -> dict:
-    """``n`` recognize requests at ``concurrency``; ``kill()`` (returning ``(target, pid)``) once ``kill_at`` are done."""
+def load(url: str, n: int, concurrency: int, kill_at: int, kill, time_limit_s: float = 120.0, body: dict = BODY) -> dict:
+    """``n`` recognize requests (``body``) at ``concurrency``; ``kill()`` (returning ``(target, pid)``) once ``kill_at`` are done."""
     import httpx
 
     t0, lock, nxt, done, results, injected = time.time(), threading.Lock(), iter(range(n)), [0], [], {}
@@ -84,7 +99,7 @@ def load(url: str, n: int, concurrency: int, kill_at: int, kill, time_limit_s: f
                 if i is None:
                     return
                 start = time.time()
-                status, after, _ = _post(c, url, "/v1/recognize", {"utterances": DIALOGUE, "use_llm": False})
+                status, after, _ = _post(c, url, "/v1/recognize", body)
                 with lock:
                     results.append({"i": i, "status": status, "retry_after": after, "start": start, "end": time.time()})
                     done[0] += 1
@@ -139,7 +154,7 @@ def first_success_after(results: list[dict], t_kill: float) -> float | None:
 
 
 def kill_one(deployment: str, url: str, n: int = 80, concurrency: int = 4, class_name: str | None = None,
-             single: bool = False) -> dict:
+             single: bool = False, body: dict = BODY, time_limit_s: float = 120.0) -> dict:
     """SIGKILL one live actor of ``deployment`` (or of ``class_name``) after 40% of a bounded load.
 
     ``single``: one replica per stage, so recovery is the time from the kill to the first success after it
@@ -154,14 +169,14 @@ def kill_one(deployment: str, url: str, n: int = 80, concurrency: int = 4, class
         _kill(before[0])
         return cls, before[0]
 
-    run = load(url, n, concurrency, kill_at=int(n * 0.4), kill=kill)
+    run = load(url, n, concurrency, kill_at=int(n * 0.4), kill=kill, body=body, time_limit_s=time_limit_s)
     t_kill = run["injected"]["t_kill"]
     if not single:
         return _summary(run, wait_back(deployment, len(before), [before[0]], t_kill, url, class_name=class_name))
     rec = first_success_after(run["results"], t_kill)
     with httpx.Client() as c:
         while rec is None and time.time() - t_kill < 180:
-            if _post(c, url, "/v1/recognize", {"utterances": DIALOGUE, "use_llm": False})[0] == 200:
+            if _post(c, url, "/v1/recognize", body)[0] == 200:
                 rec = time.time() - t_kill
             time.sleep(0.25)
     return _summary(run, rec)
@@ -201,7 +216,9 @@ def run_serve_scenarios(models_dir: str, out_dir: str) -> dict[str, dict]:
     """Every Serve scenario, on the connected Ray (a fresh local one is started when none is): ``{name: result}``.
 
     Under ``serve/ha.yaml``: ``serve_Featurizer``, ``serve_Vanilla``, ``serve_Ingress``, ``session_store``,
-    ``serve_proxy``, ``serve_controller``; then with one replica per stage ``serve_Featurizer_single``.
+    ``serve_proxy``, ``serve_controller``, and ``serve_LLMRefiner``, ``serve_Fusion`` under ``use_llm: true``
+    requests (when ``models_dir`` has ``fusion/``; else the LLM path is off and they are recorded as skipped);
+    in its co-located layout ``serve_FeaturizerVanilla``; then with one replica per stage ``serve_Featurizer_single``.
     """
     import ray
     from ray import serve
@@ -215,15 +232,21 @@ def run_serve_scenarios(models_dir: str, out_dir: str) -> dict[str, dict]:
         start_local_ray(num_cpus=4, temp_dir=str(out / "ray"))
     port, res = free_port(), {}
     try:
-        url = deploy_app(models_dir, str(out / "sessions"), port)
+        llm = (Path(models_dir) / "fusion").is_dir()  # the LLM path needs a fitted fusion module
+        off = [("llm.enabled", "false")]
+        url = deploy_app(models_dir, str(out / "sessions"), port, overrides=None if llm else off)
         for d in ("Featurizer", "Vanilla", "Ingress"):
             res[f"serve_{d}"] = kill_one(d, url)
+        res.update(_llm_scenarios(url) if llm else _skipped_llm(models_dir))
         res["session_store"] = session_store(url)
         wait_back("Ingress", 2, [], time.time(), url)
         res["serve_proxy"] = kill_one("proxy", url, class_name="ProxyActor")
         res["serve_controller"] = kill_one("controller", url, class_name="ServeController")
         serve.delete("mer")
-        url = deploy_app(models_dir, str(out / "sessions"), port, replicas=1)
+        url = deploy_app(models_dir, str(out / "sessions"), port, overrides=off, colocated=True)
+        res["serve_FeaturizerVanilla"] = kill_one("FeaturizerVanilla", url)
+        serve.delete("mer")
+        url = deploy_app(models_dir, str(out / "sessions"), port, replicas=1, overrides=off)
         res["serve_Featurizer_single"] = kill_one("Featurizer", url, single=True)
     finally:
         serve.shutdown()  # the caller's next scenario gets the CPUs back
@@ -231,3 +254,15 @@ def run_serve_scenarios(models_dir: str, out_dir: str) -> dict[str, dict]:
             ray.shutdown()
     (out / "serve_scenarios.json").write_text(json.dumps(res, indent=2))
     return res
+
+
+def _llm_scenarios(url: str, n: int = 20, concurrency: int = 2) -> dict[str, dict]:
+    """``serve_LLMRefiner`` and ``serve_Fusion`` under ``use_llm: true`` requests (fewer: each costs seconds of llama.cpp)."""
+    return {f"serve_{d}": kill_one(d, url, n=n, concurrency=concurrency, body=LLM_BODY, time_limit_s=300.0)
+            for d in ("LLMRefiner", "Fusion")}
+
+
+def _skipped_llm(models_dir: str) -> dict[str, dict]:
+    reason = f"{models_dir} has no fusion/ (mer lantern fit), so the LLM path cannot be deployed"
+    return {f"serve_{d}": {"injected": {}, "expected": None, "observed": None, "lost": None, "duplicated": None,
+                           "failed_requests": {}, "recovery_s": None, "skipped": reason} for d in ("LLMRefiner", "Fusion")}

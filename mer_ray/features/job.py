@@ -12,7 +12,6 @@ State files start with ``_`` or ``.`` so ``pyarrow.dataset`` ignores them.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -28,6 +27,7 @@ from mer_ray.config import load
 from mer_ray.features.columns import FER_LABELS, INTERNAL, OUTPUT, finalize, to_table
 from mer_ray.features.config import ExtractConfig
 from mer_ray.features.stages import ArrowStage, FusedStage, build_stages, fuse_stages
+from mer_ray.reruns import ACTOR_FT, fetch_blocks, retriable_errors, run_with_reruns
 
 log = logging.getLogger(__name__)
 STATE = "_extract_state.json"
@@ -193,10 +193,11 @@ def _run_ray(table, out, pending, cfg, root, has_media, metadata, progress) -> d
     stage_seconds: Counter = Counter()
     retried = {"attempts": 0, "errors": [], "rows_redone": 0, "rows_discarded": 0, "attempt_started_at": []}
     try:
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        def run_left(attempt: int) -> None:
+            nonlocal pending
             pending = [s for s in pending if not shard_path(out, s).exists()]
             if not pending:
-                break
+                return
             units, expected = [], {}
             for s in pending:
                 lo, hi = s * cfg.shard_size, min(n, (s + 1) * cfg.shard_size)
@@ -207,53 +208,12 @@ def _run_ray(table, out, pending, cfg, root, has_media, metadata, progress) -> d
             retried["attempts"] = attempt
             retried["attempt_started_at"].append(round(time.time(), 3))
             factor = _fit_resources(stages, ray.cluster_resources().get("CPU", 1.0))  # fewer CPUs after a node is lost
-            try:
-                _execute(ray, units, stages, factor, expected, out, manifest_cols, metadata, progress, stage_seconds, retried)
-                break
-            except _retriable() as e:  # a node, a worker or its objects died: redo the shards not yet on disk
-                retried["errors"].append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                gc.collect()  # drop the failed run's actor handles, so its actors exit and free their CPUs
-                time.sleep(RETRY_BACKOFF_S * attempt)
-                if attempt == MAX_ATTEMPTS:
-                    raise
-                log.warning("extraction attempt %d lost a worker (%s); re-running the shards not yet written", attempt, type(e).__name__)
+            _execute(ray, units, stages, factor, expected, out, manifest_cols, metadata, progress, stage_seconds, retried)
+
+        run_with_reruns(run_left, retried, "extraction")
     finally:
         ctx.enable_progress_bars = saved
     return {"stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()}, "retried": retried}
-
-
-#: Fault tolerance. A lost node, worker or block fails the Ray Data run with a Ray error; the driver
-#: then re-runs the shards not yet on disk (new actor pools, sized to the CPUs left), up to
-#: ``MAX_ATTEMPTS`` runs in all. Shards are written once, atomically, so no row is duplicated, and
-#: every stage maps whole units fixed before the run, so a redone row has the same batch-mates.
-#: Ray's own actor restarts are off (``max_restarts: 0``): on Ray 2.60, removing a node under a pool
-#: with restarts on either failed the run with ``ActorUnavailableError`` or hung it for good (a
-#: restarted actor, blocks lost with the node) - measured in ``tests/chaos/test_extract_faults.py``.
-ACTOR_FT = {"max_restarts": 0}
-MAX_ATTEMPTS = 4
-#: Seconds to wait before re-run k (times k): Ray takes ~15 s to declare a lost node dead, and a re-run
-#: started before that may place an actor on it and fail again (seen: ``ActorDiedError`` on the 2nd run).
-RETRY_BACKOFF_S = 5.0
-
-
-#: Seconds to fetch one finished block. A block is fetched once its task is done, so this only
-#: bounds a block lost with its node: Ray 2.60's ``iter_batches`` was seen to wait on such a block
-#: for good after the run had already failed (``docs/fault_tolerance.md``).
-BLOCK_GET_TIMEOUT_S = 60.0
-
-
-def _retriable():
-    import ray.exceptions as rex
-
-    return (rex.RayActorError, rex.ObjectLostError, rex.NodeDiedError, rex.WorkerCrashedError, rex.OwnerDiedError,
-            rex.GetTimeoutError)
-
-
-def fetch_blocks(ray, ds):
-    """The dataset's output blocks, in the order they finish, each fetched with a timeout."""
-    for bundle in ds.iter_internal_ref_bundles():
-        for entry in bundle.blocks:
-            yield ray.get(entry.ref, timeout=BLOCK_GET_TIMEOUT_S)
 
 
 def _execute(ray, units, stages, factor, expected, out, manifest_cols, metadata, progress, stage_seconds, retried) -> None:
@@ -283,7 +243,7 @@ def _execute(ray, units, stages, factor, expected, out, manifest_cols, metadata,
         for block in fetch_blocks(ray, ds):
             _collect(block, buffers, got, expected, out, manifest_cols, metadata, stage_seconds, retried)
             bar.update(block.num_rows)
-    except _retriable():
+    except retriable_errors():
         retried["rows_discarded"] += sum(got[s] for s in buffers)
         raise
     finally:

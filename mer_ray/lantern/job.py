@@ -10,7 +10,6 @@ as a Parquet part, so a re-run skips what is done (``ok``) and retries failures.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import time
@@ -22,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
+from mer_ray.reruns import ACTOR_FT, fetch_blocks, run_with_reruns
 
 RESULT_SCHEMA = pa.schema([
     ("query_id", pa.string()), ("status", pa.string()), ("error", pa.string()),
@@ -106,21 +107,6 @@ def write_part(out_dir: Path, table: pa.Table, run_id: str, idx: int) -> int:
     return table.num_rows
 
 
-#: Fault tolerance: a lost LLM actor (or its node) fails the Ray Data run, and the driver re-runs the
-#: queries without a result yet, up to ``MAX_ATTEMPTS`` runs in all (new actors; the parts already
-#: written stay). Ray's actor restarts are off: the extraction job measured hangs and
-#: ``ActorUnavailableError`` with them on Ray 2.60 (``docs/fault_tolerance.md``).
-ACTOR_FT = {"max_restarts": 0}
-MAX_ATTEMPTS = 4
-RETRY_BACKOFF_S = 5.0  #: seconds before re-run k (times k), as in extraction
-
-
-def _retriable():
-    from mer_ray.features.job import _retriable as extraction_retriable
-
-    return extraction_retriable()
-
-
 def run_prompt_job(queries: pa.Table, out_dir: str | Path, backend: dict, labels: list[str],
                    num_actors: int = 1, cpus_per_actor: float = 1.0, max_group: int = 400,
                    retry_failed: bool = True, progress: bool = True) -> dict:
@@ -140,35 +126,31 @@ def run_prompt_job(queries: pa.Table, out_dir: str | Path, backend: dict, labels
     t0 = time.perf_counter()
     retried = {"attempts": 0, "errors": [], "queries_redone": 0}
     written: set[str] = set()  # query ids with a result part from this call (parts are atomic)
-    for attempt in range(1, MAX_ATTEMPTS + 1):
+
+    def run_left(attempt: int) -> None:
         # a re-run after a lost actor or node scores only the queries without a result from this call
         left = todo.filter(pa.array([q not in written for q in todo["query_id"].to_pylist()], pa.bool_()))
         if not left.num_rows:
-            break
+            return
         retried["attempts"] = attempt
         if attempt > 1:
             retried["queries_redone"] += left.num_rows
-        try:
-            _score(ray, left, out_dir, backend, labels, num_actors, cpus_per_actor, max_group, progress, written)
-            break
-        except _retriable() as e:
-            retried["errors"].append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            gc.collect()  # drop the failed run's actor handles, so its actors exit and free their CPUs
-            time.sleep(RETRY_BACKOFF_S * attempt)
-            if attempt == MAX_ATTEMPTS:
-                raise
+        _score(ray, left, out_dir, backend, labels, num_actors, cpus_per_actor, max_group, progress, written)
+
+    # fault tolerance (mer_ray/reruns.py): a lost LLM actor or node fails the Ray Data run; the queries without
+    # a result part are re-run with new actors, the parts already written stay
+    run_with_reruns(run_left, retried, "prompt job")
     return summarise(queries, out_dir, todo, len(written), time.perf_counter() - t0, retried)
 
 
 def _score(ray, todo: pa.Table, out_dir: Path, backend, labels, num_actors, cpus_per_actor, max_group, progress,
            written: set[str]) -> None:
     """One Ray Data run over ``todo``; each result batch is written as a part as it comes (ids added to ``written``)."""
-    from mer_ray.features.job import fetch_blocks  # the same bounded block fetch as extraction
 
     if todo.num_rows:
         groups = _groups(todo, max_group)
         ds = ray.data.from_items(groups, override_num_blocks=len(groups))
-        # A dead actor fails the run (no Ray restart, see MAX_ATTEMPTS); SPREAD puts actors on different nodes.
+        # A dead actor fails the run (no Ray restart: mer_ray/reruns.py); SPREAD puts actors on different nodes.
         ds = ds.map_batches(ScorerWorker, fn_constructor_kwargs={"backend": backend, "labels": labels},
                             batch_size=1, batch_format="numpy", num_cpus=cpus_per_actor,
                             compute=ray.data.ActorPoolStrategy(size=num_actors), scheduling_strategy="SPREAD", **ACTOR_FT)

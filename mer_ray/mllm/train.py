@@ -203,6 +203,9 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"[finetune] {len(examples)} training examples, {max_steps} steps of {per_step}; resuming at step {start}", flush=True)
     while step < max_steps and not stop:
         phase = set_phase_lrs(optimizer, cfg, step, names)
+        # dropout and the collator's draws are seeded per step, so a run resumed from a checkpoint at step k replays
+        # step k+1 onwards exactly as an uninterrupted run (one seed at start left the RNG elsewhere after a resume)
+        torch.manual_seed(cfg.train.seed * 100_003 + step)
         batches = [collate(mb, train=True) for mb in micro_batches(examples, order, step, cfg.train.micro_batch, cfg.train.grad_accum, rank, world)]
         t_step = time.time()
         loss = train_step(engine, batches)

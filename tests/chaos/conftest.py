@@ -1,5 +1,5 @@
 """The multi-node test cluster of the chaos suite: a head with no CPUs (the driver's node) and two
-worker nodes of one CPU each, on this machine (``mer_ray.bench.chaos.start_cluster``)."""
+worker nodes of one CPU each, on this machine (``mer_ray.bench.chaos_cluster.start_cluster``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def cluster(tmp_path_factory):
     """A fresh 1 + 2 node cluster per test module, this process attached as its driver."""
     import ray
 
-    from mer_ray.bench.chaos import start_cluster, stop_cluster
+    from mer_ray.bench.chaos_cluster import start_cluster, stop_cluster
 
     if ray.is_initialized():
         ray.shutdown()

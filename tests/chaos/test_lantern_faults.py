@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.ray, pytest.mark.slow, pytest.mark.
 
 
 def test_llm_actor_killed_mid_run_every_query_accounted_for(cluster, tmp_path):
-    from mer_ray.bench.chaos import run_lantern_scenario
+    from mer_ray.bench.chaos_lantern import run_lantern_scenario
 
     rec = run_lantern_scenario(tmp_path, n_dialogues=4)
     print(json.dumps(rec))

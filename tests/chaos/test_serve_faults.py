@@ -1,8 +1,10 @@
 """Serve under SIGKILL (issue 15 items 5 and 6), on a real local Ray and real HTTP (127.0.0.1), through
 :func:`mer_ray.bench.chaos_serve.run_serve_scenarios`: serve/ha.yaml (two replicas of each deployment)
 with one replica of a stage killed under 80 requests at concurrency 4; every Ingress replica killed in the
-middle of a streamed session's append; the proxy and the controller killed; then one replica per stage
-with the Featurizer killed. Bounded: 80 requests per load, 120 s per load, 180 s per recovery."""
+middle of a streamed session's append; the proxy and the controller killed; the co-located layout's
+FeaturizerVanilla killed; the LLM path on (the packaged SmolLM2 through llama.cpp, a tiny fusion module) with an
+LLMRefiner and a Fusion replica killed under 20 ``use_llm`` requests at concurrency 2; then one replica per
+stage with the Featurizer killed. Bounded: 80 requests per load, 120 s (LLM: 300 s) per load, 180 s per recovery."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import json
 
 import pytest
 
-from tests.integration.serve.test_local_mode import tiny_models
+from tests.integration.serve.test_local_mode import tiny_fusion, tiny_models
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.ray]
 
@@ -28,7 +30,7 @@ def scenarios(tmp_path_factory):
     out = tmp_path_factory.mktemp("chaos_serve")
     start_local_ray(num_cpus=4, temp_dir=str(tmp_path_factory.mktemp("ray")))
     try:
-        res = run_serve_scenarios(str(tiny_models(tmp_path_factory.mktemp("models"))), str(out))
+        res = run_serve_scenarios(str(tiny_fusion(tiny_models(tmp_path_factory.mktemp("models")))), str(out))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -36,11 +38,12 @@ def scenarios(tmp_path_factory):
     return res
 
 
-@pytest.mark.parametrize("stage", ["Featurizer", "Vanilla"])
+@pytest.mark.parametrize("stage", ["Featurizer", "Vanilla", "FeaturizerVanilla", "LLMRefiner", "Fusion"])
 def test_ha_a_dead_stage_replica_fails_no_request(scenarios, stage):
     r = scenarios[f"serve_{stage}"]
     assert 0.2 <= r["injected"]["progress"] <= 0.8 and r["injected"]["pid"]
-    assert r["failed_requests"] == {} and r["lost"] == 0 and r["observed"] == r["expected"] == 80, r
+    n = 20 if stage in ("LLMRefiner", "Fusion") else 80
+    assert r["failed_requests"] == {} and r["lost"] == 0 and r["observed"] == r["expected"] == n, r
     assert r["recovery_s"] is not None, r  # the killed replica was replaced
 
 

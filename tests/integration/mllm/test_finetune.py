@@ -111,7 +111,7 @@ def tiny_base(tmp_path_factory):
 @pytest.mark.ray
 def test_killed_worker_resumes_from_checkpoint_and_finishes(ray_local, tiny_base, meld_dir, tmp_path):
     """ZeRO-3 over 2 workers, coarse-to-fine: SIGKILL rank 0 mid-run; the group restarts from the last checkpoint."""
-    from mer_ray.bench.chaos import kill_when_step
+    from mer_ray.bench.chaos_cluster import kill_when_step
     from mer_ray.config import load
     from mer_ray.mllm.config import FinetuneConfig
     from mer_ray.mllm.predict import MLLMPredictor
@@ -236,7 +236,7 @@ def test_ray_job_submit_cpu_config_then_predict(meld_dir, tmp_path):
 def test_dialogue_template_trains_checkpoints_by_time_and_a_rerun_resumes_after_the_driver_died(ray_local, meld_dir, tmp_path):
     """farcer-dialogue-v1 on Ray Train: checkpoints at least every `checkpoint_every_min`; a first run whose worker is
     killed with no retries left fails; the same command again (same run name) resumes from its last checkpoint."""
-    from mer_ray.bench.chaos import kill_when_step
+    from mer_ray.bench.chaos_cluster import kill_when_step
     from mer_ray.config import load
     from mer_ray.mllm.config import FinetuneConfig
     from mer_ray.mllm.predict import MLLMPredictor

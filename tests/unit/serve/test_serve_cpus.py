@@ -36,6 +36,14 @@ def test_laptop_configs_fit_two_cores(yaml, ensemble_run, tmp_path):
     check_cpus(cfg, options, 2.0)
 
 
+def test_ha_keeps_two_replicas_of_everything_llm_path_included_within_two_cores(tmp_path):
+    cfg, options, _ = resolve("serve/ha.yaml", [("models_dir", str(tmp_path))])
+    asked = requested_cpus(cfg, options)
+    assert {"LLMRefiner", "Fusion"} <= set(asked) and sum(asked.values()) <= 2.0, asked
+    assert all(options[d]["num_replicas"] >= 2 for d in asked), options
+    check_cpus(cfg, options, 2.0)
+
+
 def test_a_config_over_the_local_cpus_is_an_error_naming_them(ensemble_run):
     cfg, options, _ = resolve("serve/ensemble.yaml", [("models_dir", str(ensemble_run))])
     options["FinetunedLLM"]["ray_actor_options"]["num_cpus"] = 0.5
