@@ -15,7 +15,7 @@ from mer_ray.serve.config import ServeConfig
 
 #: ``FinetunedLLM`` options apply to every fine-tuned member of an ``mer ensemble`` run (``FinetunedLLM_<member>``).
 DEPLOYMENTS = ("Ingress", "Featurizer", "Vanilla", "FeaturizerVanilla", "LLMRefiner", "Fusion", "MLLM", "FinetunedLLM",
-               "EnsembleFusion")
+               "EnsembleFusion", "Adapters")
 #: The text-model deployments each layout deploys (``ServeConfig.layout``).
 LAYOUT_DEPLOYMENTS = {"split": ("Featurizer", "Vanilla"), "colocated": ("FeaturizerVanilla",)}
 _OPTION_KEYS = {"num_replicas", "autoscaling_config", "ray_actor_options", "max_ongoing_requests", "max_queued_requests",
@@ -58,6 +58,19 @@ ENSEMBLE_MAKER = ("mer ensemble --config jobs/ensemble_meld.yaml --set data_dir=
                   "RUN/report/fusion); or serve with --no-llm for the vanilla seed average")
 
 
+def require_adapters(cfg: ServeConfig) -> None:
+    """With ``adapters.enabled``, raise :class:`MissingModelsError` unless ``<models>/mllm/adapters/`` holds an adapter.
+
+    An endpoint whose every adapter request is a 422 is a mistake to report when it is deployed, not per request.
+    """
+    from mer_ray.mllm.adapters import adapters_root, list_adapters
+
+    if cfg.adapters.enabled and not list_adapters(cfg.models_path):
+        raise MissingModelsError(f"adapters.enabled is true but {adapters_root(cfg.models_path)} holds no adapter (a folder "
+                                 f"<name>/ with mer_mllm.json). Make one with: mer finetune --config jobs/finetune_cpu.yaml "
+                                 f"--adapter-name NAME --models {cfg.models_dir}; or set adapters.enabled: false")
+
+
 def require_models(cfg: ServeConfig) -> None:
     """Raise :class:`MissingModelsError` unless every model the config serves is in ``cfg.models_dir``.
 
@@ -85,16 +98,20 @@ def require_models(cfg: ServeConfig) -> None:
     from mer_ray.calibration.artifacts import Calibration
 
     Calibration.load(cfg.models_path)  # a bad calibration.json fails here, naming it, not in every Ingress replica
+    require_adapters(cfg)
 
 
 def build_app(cfg: ServeConfig | dict | None = None, options: dict[str, dict] | None = None):
-    """The bound application: Ingress -> Featurizer, Vanilla (or FeaturizerVanilla), [LLMRefiner, Fusion], [MLLM].
+    """The bound application: Ingress -> Featurizer, Vanilla (or FeaturizerVanilla), [LLMRefiner, Fusion], [MLLM], [Adapters].
 
-    An ``mer ensemble`` run directory gets its own graph (:func:`_ensemble_app`).
+    An ``mer ensemble`` run directory gets its own graph (:func:`_ensemble_app`); either may add the adapters.
 
     Args:
         cfg: the app config (models dir is made absolute here, so replicas find it from any cwd).
         options: per-deployment ``.options()`` (``num_replicas``, ``autoscaling_config``, ...), by name.
+
+    Raises:
+        MissingModelsError: ``adapters.enabled`` and no adapter installed (:func:`require_adapters`).
     """
     from mer_ray.serve.deployments import MLLM, Featurizer, FeaturizerVanilla, Fusion, LLMRefiner, Vanilla
     from mer_ray.serve.ingress import Ingress
@@ -103,6 +120,7 @@ def build_app(cfg: ServeConfig | dict | None = None, options: dict[str, dict] | 
     cfg = cfg.model_copy(update={"models_dir": str(cfg.models_path.resolve())})
     options = options or {}
     check_options(cfg, options)
+    require_adapters(cfg)  # before anything is bound, so this error is the one a user sees
 
     def opt(d):
         return d.options(**options[d.name]) if options.get(d.name) else d
@@ -114,15 +132,26 @@ def build_app(cfg: ServeConfig | dict | None = None, options: dict[str, dict] | 
         feat, van = opt(Featurizer).bind(th), opt(Vanilla).bind(md, th)
     from mer_ray.serve.ensemble_run import is_ensemble_run
 
+    adapters = _adapters(cfg, opt)
     if is_ensemble_run(md):
-        return _ensemble_app(cfg, opt, options, feat, van)
+        return _ensemble_app(cfg, opt, options, feat, van, adapters)
     ref = fus = mllm = None
     if cfg.llm.enabled:
         ref = opt(LLMRefiner).bind(md, cfg.llm.model_dump(), cfg.llm.n_threads)
         fus = opt(Fusion).bind(md, th)
     if cfg.use_mllm:
         mllm = opt(MLLM).bind(md, th)
-    return opt(Ingress).bind(cfg.model_dump(), feat, van, ref, fus, mllm)
+    return opt(Ingress).bind(cfg.model_dump(), feat, van, ref, fus, mllm, None, None, adapters)
+
+
+def _adapters(cfg: ServeConfig, opt):
+    """The bound ``Adapters`` deployment (its LRU bound from ``adapters.max_num_models_per_replica``), or None."""
+    if not cfg.adapters.enabled:
+        return None
+    from mer_ray.serve.multiplexed import adapters_deployment
+
+    a = cfg.adapters
+    return opt(adapters_deployment(a.max_num_models_per_replica)).bind(cfg.models_dir, a.threads or cfg.torch_threads, a.batch_size)
 
 
 def check_options(cfg: ServeConfig, options: dict[str, dict]) -> None:
@@ -152,7 +181,7 @@ def check_options(cfg: ServeConfig, options: dict[str, dict]) -> None:
             raise ValueError(f"deployment {name!r}: bad user_config: {e}") from None
 
 
-def _ensemble_app(cfg: ServeConfig, opt, options: dict[str, dict], feat, van):
+def _ensemble_app(cfg: ServeConfig, opt, options: dict[str, dict], feat, van, adapters=None):
     """An ``mer ensemble`` run: Ingress -> Featurizer, Vanilla (seed mean), [LLMRefiner, FinetunedLLM_<m>..., EnsembleFusion].
 
     The LLM deployments are bound only when the fitted fusion reads them (a fusion that selected the vanilla
@@ -171,7 +200,7 @@ def _ensemble_app(cfg: ServeConfig, opt, options: dict[str, dict], feat, van):
         members = {m: opt(FinetunedLLM).options(name=f"FinetunedLLM_{m}", **options.get(f"FinetunedLLM_{m}", {})).bind(md, m, th)
                    for m in fcfg.get("members") or []}
         fus = opt(EnsembleFusion).bind(md, th)
-    return opt(Ingress).bind(cfg.model_dump(), feat, van, ref, None, None, members, fus)
+    return opt(Ingress).bind(cfg.model_dump(), feat, van, ref, None, None, members, fus, adapters)
 
 
 def app_builder(args: dict):

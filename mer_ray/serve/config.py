@@ -90,6 +90,27 @@ class SessionConfig(BaseModel):
         return self
 
 
+class AdaptersConfig(BaseModel):
+    """Named fine-tuned adapters (``<models_dir>/mllm/adapters/<name>/``) behind the same endpoint.
+
+    A request that names one (the ``serve_multiplexed_model_id`` header or a ``model`` field) is answered by
+    that adapter alone, in its own label set; any other request gets the ensemble's answer (docs/serve.md).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    """Deploy the ``Adapters`` deployment; the build fails when ``mllm/adapters/`` holds no adapter. With False,
+    a request naming an adapter gets 422."""
+    max_num_models_per_replica: int = Field(3, ge=1)
+    """Adapters each replica keeps loaded (Serve's LRU, ``@serve.multiplexed``); an evicted one reloads on its next
+    request with identical outputs."""
+    threads: int | None = Field(None, ge=1)
+    """``torch.set_num_threads`` in each ``Adapters`` replica. None: ``torch_threads``."""
+    batch_size: int = Field(4, ge=1)
+    """Prompts per forward pass of the shared base LLM."""
+
+
 class ServeConfig(BaseModel):
     """All settings of the ``mer`` Serve application."""
 
@@ -103,6 +124,8 @@ class ServeConfig(BaseModel):
     """The LLM refiner."""
     sessions: SessionConfig = SessionConfig()
     """Streaming sessions."""
+    adapters: AdaptersConfig = AdaptersConfig()
+    """Named fine-tuned adapters on one base LLM, chosen per request."""
     max_body_bytes: int = Field(16 * 2**20, ge=1024)
     """Largest request body; larger gets 413."""
     max_text_chars: int = Field(2000, ge=1)

@@ -115,6 +115,8 @@ def serve_local(config: str | Path | None = None, models_dir: str | None = None,
         options = {k: v for k, v in options.items() if k not in llm_parts and not k.startswith("FinetunedLLM")}
     if not cfg.use_mllm:
         options.pop("MLLM", None)
+    if not cfg.adapters.enabled:
+        options.pop("Adapters", None)
     require_models(cfg)  # before Ray starts: a missing model fails at once
     env = {}
     if cfg.api_key_env and os.environ.get(cfg.api_key_env):

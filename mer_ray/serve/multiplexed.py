@@ -5,12 +5,24 @@ proxy and handles route it to a replica that already holds that adapter) or with
 in the body. Each replica keeps at most ``max_num_models_per_replica`` adapters (LRU, Serve's
 multiplexer); an evicted adapter's LoRA weights are freed and reload identically on its next request.
 Adapters live on storage every replica reads: ``<models>/mllm/adapters/<name>/``.
+
+How the HTTP API uses it (:mod:`mer_ray.serve.ingress`; the rules are docs/serve.md's "Adapters"):
+
+- a request that names an adapter is answered by that adapter alone, in the adapter's own label set
+  (or a label set with a written-down mapping from it): the ensemble's members are trained on the base
+  label set, so their distributions cannot be mixed with another set's;
+- the adapter's temperature is applied as the ensemble's calibrated answers apply theirs
+  (:func:`~mer_ray.calibration.temperature.apply_temperature` on the model's own labels, then the
+  label-set projection); adapters have no conformal scores here, so ``prediction_set`` and ``alpha`` are null;
+- in ``:batch`` each dialogue names its own adapter (a header names it for all); a session keeps the
+  adapter it started with.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 from ray import serve
 
 from mer_ray.mllm.adapters import AdapterHost, UnknownAdapterError, list_adapters
@@ -23,13 +35,31 @@ class AdapterChoiceError(ValueError):
     """The request's adapter choice is invalid (answered with 422; the message says why)."""
 
 
-def choose_adapter(header: str | None, body: str | None, known: dict[str, str]) -> str | None:
+def header_value(headers: dict[str, str] | None) -> str | None:
+    """The :data:`HEADER` of a request's headers, matched as Serve's proxy matches it: case-insensitive, and
+    ``-`` for ``_`` (proxies such as nginx rewrite underscores), so the Ingress and the router read the same name."""
+    for k, v in (headers or {}).items():
+        if k.lower().replace("-", "_") == HEADER:
+            return v or None
+    return None
+
+
+def choose_adapter(header: str | None, body: str | None, known: dict[str, str] | None) -> str | None:
     """The adapter a request names (None: it names none), checked against ``known`` (``{name: label set}``).
 
+    Args:
+        known: the installed adapters; None when adapters are not enabled (then naming one is an error, not
+            silently answered by the ensemble).
+
     Raises:
-        AdapterChoiceError: the header and the body disagree, or the name is not a known adapter.
+        AdapterChoiceError: adapters are not enabled, the header and the body disagree, or the name is not a
+            known adapter.
     """
     header = header or None
+    if known is None and (header or body):
+        raise AdapterChoiceError(f"adapter {(header or body)[:80]!r} was asked for, but this deployment serves no "
+                                 "adapters (adapters.enabled: false); leave out the model field and the "
+                                 f"{HEADER} header to get the ensemble's answer")
     if header and body and header != body:
         raise AdapterChoiceError(f"the {HEADER} header names adapter {header[:80]!r} but the body's model field "
                                  f"names {body[:80]!r}; give one, or the same in both")
@@ -70,6 +100,34 @@ def adapters_deployment(max_num_models_per_replica: int = 3):
             adapter = await self.get_adapter(serve.get_multiplexed_model_id())
             probs = await asyncio.to_thread(adapter.predict, rows, False)
             return {"adapter": adapter.name, "label_set": adapter.label_set, "labels": adapter.labels,
-                    "probs": probs, "temperature": adapter.temperature}
+                    "probs": probs, "temperature": adapter.temperature, "calibrated": adapter.calibration is not None}
 
     return Adapters
+
+
+def adapter_answer(out: dict, label_set: str | None, targets: list[int] | None, timing: dict[str, float]) -> dict:
+    """An :class:`Adapters` ``predict`` result -> the response dict of ``/v1/recognize`` (one ``utterances`` entry
+    per target row), answered by the adapter alone.
+
+    The temperature is applied on the adapter's own labels, then the answer is projected onto ``label_set``
+    (None: the adapter's own), as :class:`~mer_ray.serve.ensemble.Ensemble` does for its calibrated answers.
+    The member fields (``vanilla``, ``llm``, ``mllm``) are null: no ensemble member answered.
+
+    Raises:
+        LabelSetError: no written-down mapping from the adapter's label set to ``label_set``.
+    """
+    from mer_ray.calibration.temperature import apply_temperature
+    from mer_ray.serve.ensemble import _as_dist, _project, label_map
+
+    name, labels, proj = label_map(out["label_set"], label_set)
+    raw = np.asarray(out["probs"], dtype=np.float64)
+    raw = raw if targets is None else raw[targets]
+    t = float(out.get("temperature", 1.0))
+    probs = _project(raw if t == 1.0 else apply_temperature(raw, t), proj)
+    utts = []
+    for p, r in zip(probs, _project(raw, proj)):
+        d = _as_dist(p, labels)
+        utts.append({"label": max(d, key=d.get), "probs": d, "probs_uncalibrated": _as_dist(r, labels), "prediction_set": None,
+                     "vanilla": None, "llm": None, "receptive_fields": [], "mllm": None})
+    return {"label_set": name, "labels": labels, "model": out["adapter"], "utterances": utts,
+            "calibrated": bool(out.get("calibrated", False)), "alpha": None, "conformal": None, "timing_ms": timing}

@@ -60,6 +60,12 @@ class _Options(BaseModel):
         description="Miscoverage of the prediction sets: each set holds the true label with probability >= 1 - alpha. "
                     "Default: the calibration's alpha_default; outside the calibration's alpha_range the request is a 422 "
                     "naming the range. Ignored (the answer says alpha: null) when the models dir has no calibration.")
+    model: str | None = Field(
+        None, max_length=200,
+        description="A fine-tuned adapter to answer with (GET /v1/labels lists them under adapters), instead of the ensemble; "
+                    "the serve_multiplexed_model_id header names one too (both given: they must agree). The adapter alone "
+                    "answers, in its own label set (label_set may name one mapped from it); use_llm and alpha do not apply. "
+                    "Unknown, or adapters not enabled: 422. In a session the adapter is fixed by its first turn.")
 
     @field_validator("label_set")
     @classmethod
@@ -112,7 +118,8 @@ class UtterancePrediction(BaseModel):
     prediction_set: list[str] | None = Field(
         None, description="Split-conformal prediction set at miscoverage ``alpha``: labels ordered by ``probs``, never empty, always "
                           "holding ``label``; null when the models dir has no conformal scores for this use_llm value and label set.")
-    vanilla: Dist = Field(..., description="The vanilla model's distribution (calibrated with its own temperature when there is one).")
+    vanilla: Dist | None = Field(..., description="The vanilla model's distribution (calibrated with its own temperature when there is "
+                                                  "one); null when an adapter answered (``model`` is set).")
     llm: Dist | None = Field(None, description="The LLM refiner's distribution (mean over its receptive fields, calibrated with its own "
                                                "temperature when there is one); null when the LLM was skipped.")
     receptive_fields: list[list[int]] = Field(
@@ -130,8 +137,13 @@ class ConformalInfo(BaseModel):
 
 
 def _calibrated():
-    return Field(..., description="Whether the models dir has a calibration (``calibration.json``); false: ``probs`` equals "
-                                  "``probs_uncalibrated`` and every ``prediction_set`` is null.")
+    return Field(..., description="Whether the models dir has a calibration (``calibration.json``; for an adapter's answer, the "
+                                  "adapter's own directory); false: ``probs`` equals ``probs_uncalibrated`` and every "
+                                  "``prediction_set`` is null.")
+
+
+def _model():
+    return Field(None, description="The adapter that answered (its name), or null: the ensemble answered.")
 
 
 def _alpha():
@@ -147,6 +159,7 @@ class RecognizeResponse(BaseModel):
     label_set: str = Field(..., description="The label set of every distribution in the answer.")
     labels: list[str] = Field(..., description="That label set's labels, in order.")
     utterances: list[UtterancePrediction] = Field(..., description="One answer per request utterance, in order.")
+    model: str | None = _model()
     calibrated: bool = _calibrated()
     alpha: float | None = _alpha()
     conformal: ConformalInfo | None = _conformal()
@@ -172,6 +185,7 @@ class TurnResponse(BaseModel):
     label_set: str = Field(..., description="The label set of every distribution in the answer.")
     labels: list[str] = Field(..., description="That label set's labels, in order.")
     utterance: UtterancePrediction = Field(..., description="This turn's answer.")
+    model: str | None = _model()
     speakers: dict[str, SpeakerSummary] = Field(
         ..., description="Per speaker of the kept turns: their last 5 turns answered in this label set, this one included.")
     calibrated: bool = _calibrated()
@@ -184,3 +198,5 @@ class LabelsResponse(BaseModel):
     model_label_set: str = Field(..., description="The label set the deployed models predict.")
     label_sets: dict[str, list[str]] = Field(..., description="Every label set a request may name, with its labels.")
     available: list[str] = Field(..., description="Label sets this deployment can answer in (the model's, and those with a mapping from it).")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Installed fine-tuned adapters a request may name (``model``): "
+                                                                       "name -> its label set; {} when adapters are not enabled.")

@@ -1,11 +1,16 @@
 """The two session stores behind one interface (the rules are in :mod:`mer_ray.serve.sessions`).
 
-``append(sid, record, expected_turn, key)`` returns ``(turn, kept, answer)``: the
+``append(sid, record, expected_turn, key, adapter)`` returns ``(turn, kept, answer)``: the
 turn's number, the kept turns up to it (oldest first, each with its ``prediction``
 when it has one) and the stored answer of a replayed turn (None for a new turn, or
 a replayed turn whose answer was never stored). ``record=None`` only checks: it
 returns None where an append would happen, so a retry is answered before any
-work. Both stores are safe to call from several threads and processes at once.
+work. ``adapter`` is the adapter answering the turn (None: the ensemble): the first
+turn stores it with the session, and a later turn with another raises
+:class:`~mer_ray.serve.sessions.AdapterConflict` before anything is written.
+``adapter(sid)`` reads an open session's adapter (None for the ensemble or no open
+session), and ``get(sid)`` includes it. Both stores are safe to call from several
+threads and processes at once.
 """
 
 from __future__ import annotations
@@ -17,10 +22,10 @@ import threading
 import time
 from pathlib import Path
 
-from mer_ray.serve.sessions import decide, default_dir
+from mer_ray.serve.sessions import check_adapter, decide, default_dir
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (sid TEXT PRIMARY KEY, n INTEGER NOT NULL, touched REAL NOT NULL, closed REAL);
+CREATE TABLE IF NOT EXISTS sessions (sid TEXT PRIMARY KEY, n INTEGER NOT NULL, touched REAL NOT NULL, closed REAL, adapter TEXT);
 CREATE INDEX IF NOT EXISTS sessions_touched ON sessions (closed, touched);
 CREATE TABLE IF NOT EXISTS turns (sid TEXT NOT NULL, turn INTEGER NOT NULL, key TEXT, record TEXT NOT NULL,
                                   prediction TEXT, answer TEXT, PRIMARY KEY (sid, turn));
@@ -43,6 +48,9 @@ class SqliteStore:
         with self._tx() as db:
             for stmt in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(stmt)
+            # a sessions.db written before adapters existed: its sessions are the ensemble's (NULL)
+            if "adapter" not in {r[1] for r in db.execute("PRAGMA table_info(sessions)")}:
+                db.execute("ALTER TABLE sessions ADD COLUMN adapter TEXT")
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -83,18 +91,21 @@ class SqliteStore:
         db.execute("UPDATE sessions SET closed = ? WHERE sid = ?", (now, sid))
         db.execute("DELETE FROM turns WHERE sid = ?", (sid,))
 
-    def append(self, sid: str, record: dict | None, expected_turn: int | None = None, key: str | None = None):
+    def append(self, sid: str, record: dict | None, expected_turn: int | None = None, key: str | None = None,
+               adapter: str | None = None):
         now = time.time()
         with self._tx() as db:
             self._expire(db, now)
-            row = db.execute("SELECT n, closed FROM sessions WHERE sid = ?", (sid,)).fetchone()
+            row = db.execute("SELECT n, closed, adapter FROM sessions WHERE sid = ?", (sid,)).fetchone()
             n, closed = (row[0], None if row[1] is None else row[0]) if row else (0, None)
 
             def stored_key(t):
                 r = db.execute("SELECT key FROM turns WHERE sid = ? AND turn = ?", (sid, t)).fetchone()
                 return None if r is None else r[0] or ""
 
-            if decide(sid, n, closed, expected_turn, key, stored_key) == "replay":
+            action = decide(sid, n, closed, expected_turn, key, stored_key)
+            check_adapter(sid, n, adapter, row[2] if row else None)
+            if action == "replay":
                 turn = expected_turn
                 answer = db.execute("SELECT answer FROM turns WHERE sid = ? AND turn = ?", (sid, turn)).fetchone()[0]
             elif record is None:
@@ -102,8 +113,9 @@ class SqliteStore:
             else:
                 turn, answer = n, None
                 db.execute("INSERT INTO turns (sid, turn, key, record) VALUES (?, ?, ?, ?)", (sid, n, key, json.dumps(record)))
-                db.execute("INSERT INTO sessions (sid, n, touched) VALUES (?, ?, ?) ON CONFLICT (sid) DO UPDATE SET n = "
-                           "excluded.n, touched = excluded.touched", (sid, n + 1, now))
+                # the adapter is written when the session starts, never updated: it is fixed for the session's life
+                db.execute("INSERT INTO sessions (sid, n, touched, adapter) VALUES (?, ?, ?, ?) ON CONFLICT (sid) DO UPDATE "
+                           "SET n = excluded.n, touched = excluded.touched", (sid, n + 1, now, adapter))
                 db.execute("DELETE FROM turns WHERE sid = ? AND turn <= ?", (sid, n - self.max_turns))
                 self._expire(db, now)  # again: this session may have taken the place of the least recently used
             rows = db.execute("SELECT record, prediction FROM turns WHERE sid = ? AND turn <= ? AND turn > ? ORDER BY turn",
@@ -118,14 +130,20 @@ class SqliteStore:
             return cur.rowcount == 1
 
     def get(self, sid: str) -> dict | None:
-        """``{"n_turns", "turns"}`` of an open session, or None."""
+        """``{"n_turns", "turns", "adapter"}`` of an open session, or None."""
         db = self._db()
-        row = db.execute("SELECT n FROM sessions WHERE sid = ? AND closed IS NULL AND touched >= ?",
+        row = db.execute("SELECT n, adapter FROM sessions WHERE sid = ? AND closed IS NULL AND touched >= ?",
                          (sid, time.time() - self.ttl_s)).fetchone()
         if row is None:
             return None
         rows = db.execute("SELECT record, prediction FROM turns WHERE sid = ? ORDER BY turn", (sid,)).fetchall()
-        return {"n_turns": row[0], "turns": _kept(rows)}
+        return {"n_turns": row[0], "turns": _kept(rows), "adapter": row[1]}
+
+    def adapter(self, sid: str) -> str | None:
+        """The adapter an open session is answered by (None: the ensemble, or no open session)."""
+        row = self._db().execute("SELECT adapter FROM sessions WHERE sid = ? AND closed IS NULL AND touched >= ?",
+                                 (sid, time.time() - self.ttl_s)).fetchone()
+        return row[0] if row else None
 
     def delete(self, sid: str) -> bool:
         """Close an open session (it becomes a tombstone); False when it was not open."""
@@ -160,7 +178,8 @@ class RedisStore:
     def _k(self, sid: str, part: str) -> str:
         return f"{self.prefix}:{{{sid}}}:{part}"  # {sid}: one hash slot per session on a Redis Cluster
 
-    def append(self, sid: str, record: dict | None, expected_turn: int | None = None, key: str | None = None):
+    def append(self, sid: str, record: dict | None, expected_turn: int | None = None, key: str | None = None,
+               adapter: str | None = None):
         import redis
 
         meta, turns, closed, seen = (self._k(sid, p) for p in ("meta", "turns", "closed", "seen"))
@@ -176,7 +195,9 @@ class RedisStore:
                     def got(t, stored=stored):
                         return (json.loads(stored[str(t)])["key"] or "") if str(t) in stored else None
 
-                    if decide(sid, n, None if tomb is None else int(tomb), expected_turn, key, got) == "replay":
+                    action = decide(sid, n, None if tomb is None else int(tomb), expected_turn, key, got)
+                    check_adapter(sid, n, adapter, p.hget(meta, "adapter"))
+                    if action == "replay":
                         p.unwatch()
                         turn = expected_turn
                         break
@@ -190,7 +211,8 @@ class RedisStore:
                     p.hset(turns, str(n), stored[str(n)])
                     if drop:
                         p.hdel(turns, *drop)
-                    p.hset(meta, mapping={"n": n + 1, "touched": time.time()})
+                    # the adapter is written when the session starts, never updated: it is fixed for the session's life
+                    p.hset(meta, mapping={"n": n + 1, "touched": time.time(), **({"adapter": adapter} if n == 0 and adapter else {})})
                     p.pexpire(meta, self.ttl_ms)
                     p.pexpire(turns, self.ttl_ms)
                     p.set(seen, n + 1, px=2 * self.ttl_ms)
@@ -231,12 +253,16 @@ class RedisStore:
                     continue
 
     def get(self, sid: str) -> dict | None:
-        n = self.r.hget(self._k(sid, "meta"), "n")
+        n, adapter = self.r.hmget(self._k(sid, "meta"), ["n", "adapter"])
         if n is None:
             return None
         stored = self.r.hgetall(self._k(sid, "turns"))
         ts = [json.loads(stored[t]) for t in sorted(stored, key=int)]
-        return {"n_turns": int(n), "turns": [{**t["record"], **({"prediction": t["prediction"]} if t["prediction"] else {})} for t in ts]}
+        return {"n_turns": int(n), "turns": [{**t["record"], **({"prediction": t["prediction"]} if t["prediction"] else {})} for t in ts],
+                "adapter": adapter}
+
+    def adapter(self, sid: str) -> str | None:
+        return self.r.hget(self._k(sid, "meta"), "adapter")
 
     def delete(self, sid: str) -> bool:
         n = self.r.hget(self._k(sid, "meta"), "n")

@@ -18,6 +18,10 @@ The rules, the same for both stores:
 - a session closed by ``DELETE``, by the idle ``ttl_s`` or by ``max_sessions``
   stays a tombstone for ``ttl_s``: its turns get 409, it is never restarted at
   turn 0 behind the client's back (a new session takes a fresh id).
+- the adapter that answers a session (``None``: the ensemble) is fixed by its
+  first turn and stored with it; a later turn answered by another is an
+  :class:`AdapterConflict` (HTTP 422 naming both), checked in the same transaction
+  as the append, so two first turns racing with different adapters cannot both win.
 
 A turn record is what the next turn needs (speaker, text, feature vectors, never
 raw media), its request key, its ``prediction`` (the per-speaker summary's input)
@@ -37,6 +41,33 @@ class SessionConflict(Exception):
     def __init__(self, message: str, next_turn: int):
         super().__init__(message)
         self.message, self.next_turn = message, next_turn
+
+
+class AdapterConflict(ValueError):
+    """A turn asks for another adapter than the one its session is answered by (HTTP 422)."""
+
+
+def _who(adapter: str | None) -> str:
+    return "the ensemble (no adapter)" if adapter is None else f"adapter {adapter[:80]!r}"
+
+
+def check_adapter(sid: str, n: int, asked: str | None, fixed: str | None) -> None:
+    """Raise :class:`AdapterConflict` unless a turn answered by ``asked`` may join session ``sid``.
+
+    Args:
+        n: turns the session holds (0: it starts with this turn, which fixes its adapter to ``asked``).
+        fixed: the adapter stored with the session (None: the ensemble answers it).
+    """
+    if n and asked != fixed:
+        raise AdapterConflict(f"session {sid!r} is answered by {_who(fixed)}, fixed by its first turn; this turn asks for "
+                              f"{_who(asked)}. Leave the adapter out to continue the session, or start a new session")
+
+
+def turn_key(payload: dict, adapter: str | None) -> str:
+    """:func:`request_key` of a turn answered by ``adapter``: the adapter counts whether the header or the body named
+    it, and a turn without one keys exactly as before adapters existed (a retry across an upgrade still replays)."""
+    body = {k: v for k, v in payload.items() if k != "model"}
+    return request_key({**body, "adapter": adapter} if adapter else body)
 
 
 def request_key(payload: dict) -> str:

@@ -173,6 +173,7 @@ def test_serve_yaml_validates_and_builds_against_the_app(rel):
     else:
         text = {"FeaturizerVanilla"} if cfg.layout == "colocated" else {"Featurizer", "Vanilla"}
         expected = {"Ingress", *text} | ({"LLMRefiner", "Fusion"} if cfg.llm.enabled else set()) | ({"MLLM"} if cfg.use_mllm else set())
+    expected |= {"Adapters"} if cfg.adapters.enabled else set()
     assert set(options) == expected, f"{rel}: every deployed member needs its own resources and scaling"
     for name, o in options.items():
         assert "ray_actor_options" in o and ("autoscaling_config" in o or "num_replicas" in o), name
@@ -198,6 +199,11 @@ def test_kuberay_rayservice_embeds_the_cluster_serve_config():
                 assert all(any(e["name"] == key_env for e in c.get("env", [])) for c in pod["containers"]), key_env
     mounts = {mt["mountPath"] for pod in _pod_specs(m["spec"]["rayClusterConfig"]) for c in pod["containers"] for mt in c.get("volumeMounts", [])}
     assert embedded["applications"][0]["args"]["models_dir"] in mounts
+    if (args.get("adapters") or {}).get("enabled"):  # adapters on shared storage: any pod may host a replica
+        for pod in _pod_specs(m["spec"]["rayClusterConfig"]):
+            claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+            at = [claims.get(mt["name"]) for c in pod["containers"] for mt in c.get("volumeMounts", []) if mt["mountPath"] == args["models_dir"]]
+            assert at == ["mer-models"] * len(pod["containers"]), "every pod mounts the one models PVC at models_dir"
 
 
 def test_manifests_name_no_repo_file_that_does_not_exist():

@@ -289,13 +289,13 @@ def test_openapi_request_schemas_match_the_models():
     assert {"/v1/recognize", "/v1/recognize:batch", "/healthz", "/v1/labels", "/v1/sessions/{session_id}/turns"} <= set(spec["paths"])
     comps = spec["components"]["schemas"]
     assert set(comps["Utterance"]["properties"]) == {"speaker", "text", "video_b64", "audio_b64"}
-    assert set(comps["RecognizeRequest"]["properties"]) == {"utterances", "label_set", "use_llm", "alpha"}
+    assert set(comps["RecognizeRequest"]["properties"]) == {"utterances", "label_set", "use_llm", "alpha", "model"}
     assert comps["RecognizeRequest"]["additionalProperties"] is False
     body_ref = spec["paths"]["/v1/recognize"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     assert body_ref.endswith("/RecognizeRequest")
     resp = spec["paths"]["/v1/recognize"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     assert set(comps[resp.split("/")[-1]]["properties"]) == set(S.RecognizeResponse.model_fields) == {
-        "label_set", "labels", "utterances", "calibrated", "alpha", "conformal", "timing_ms"}
+        "label_set", "labels", "utterances", "model", "calibrated", "alpha", "conformal", "timing_ms"}
     assert set(comps["UtterancePrediction"]["properties"]) >= {"label", "probs", "probs_uncalibrated", "prediction_set", "vanilla",
                                                                "llm", "receptive_fields"}
 

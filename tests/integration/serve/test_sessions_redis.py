@@ -15,7 +15,7 @@ import pytest
 from mer_ray.serve.config import SessionConfig
 from mer_ray.serve.session_stores import RedisStore, open_store
 from mer_ray.serve.sessions import SessionConflict
-from tests.unit.serve.test_sessions import check_contract, rec
+from tests.unit.serve.test_sessions import check_adapter_contract, check_contract, rec
 
 
 def _redis_server() -> str:
@@ -75,6 +75,10 @@ def server(tmp_path):
 
 def test_redis_store_contract(server):
     check_contract(lambda **kw: RedisStore(server.url, prefix=f"t{uuid.uuid4().hex[:8]}", **kw))
+
+
+def test_redis_store_keeps_a_sessions_adapter(server):
+    check_adapter_contract(lambda **kw: RedisStore(server.url, prefix=f"t{uuid.uuid4().hex[:8]}", **kw))
 
 
 def test_redis_sessions_survive_a_server_kill_with_appendonly(server):

@@ -144,7 +144,8 @@ def test_a_label_set_without_conformal_scores_gets_calibrated_probs_but_no_sets(
 
 def test_the_answer_has_exactly_the_contract_fields(ens):
     out = ask(ens[1])
-    assert set(out) == {"label_set", "labels", "utterances", "calibrated", "alpha", "conformal", "timing_ms"}
+    assert set(out) == {"label_set", "labels", "utterances", "model", "calibrated", "alpha", "conformal", "timing_ms"}
+    assert out["model"] is None  # the ensemble answered (an adapter's answer names it)
     assert set(out["utterances"][0]) == {"label", "probs", "probs_uncalibrated", "prediction_set", "vanilla", "llm",
                                          "receptive_fields", "mllm"}
     json.dumps(out)  # plain JSON: no numpy scalars

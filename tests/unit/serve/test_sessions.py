@@ -69,9 +69,46 @@ def check_contract(make) -> None:
         s.append("new", rec(1))
 
 
+def check_adapter_contract(make) -> None:
+    """A session keeps the adapter of its first turn (None: the ensemble); a turn asking for another is refused
+    before anything is written, and a check-only append refuses it too."""
+    from mer_ray.serve.sessions import AdapterConflict
+
+    s = make()
+    assert s.append("tv", rec(0), 0, "k0", "tv")[0] == 0 and s.adapter("tv") == "tv" and s.get("tv")["adapter"] == "tv"
+    assert s.append("tv", rec(1), 1, "k1", "tv")[0] == 1
+    for asked in ("calls", None):
+        for record in (None, rec(2)):
+            with pytest.raises(AdapterConflict, match="session 'tv' is answered by adapter 'tv'"):
+                s.append("tv", record, 2, "k2", asked)
+    assert s.get("tv")["n_turns"] == 2  # nothing written
+    assert s.append("ens", rec(0))[0] == 0 and s.adapter("ens") is None and s.get("ens")["adapter"] is None
+    with pytest.raises(AdapterConflict, match=r"answered by the ensemble \(no adapter\).*asks for adapter 'tv'"):
+        s.append("ens", rec(1), None, None, "tv")
+    assert s.adapter("never") is None
+    s.delete("tv")
+    assert s.adapter("tv") is None  # closed: its turns get 409 (the tombstone), not this session's adapter
+
+
 def test_sqlite_store_contract(tmp_path):
     n = iter(range(100))
     check_contract(lambda **kw: SqliteStore(tmp_path / f"s{next(n)}", **kw))
+    check_adapter_contract(lambda **kw: SqliteStore(tmp_path / f"s{next(n)}", **kw))
+
+
+def test_a_sessions_db_from_before_adapters_opens_and_its_sessions_are_the_ensembles(tmp_path):
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "sessions.db")
+    old.executescript("CREATE TABLE sessions (sid TEXT PRIMARY KEY, n INTEGER NOT NULL, touched REAL NOT NULL, closed REAL);"
+                      "CREATE TABLE turns (sid TEXT NOT NULL, turn INTEGER NOT NULL, key TEXT, record TEXT NOT NULL,"
+                      " prediction TEXT, answer TEXT, PRIMARY KEY (sid, turn));"
+                      f"INSERT INTO sessions VALUES ('a', 1, {time.time()}, NULL);"
+                      "INSERT INTO turns (sid, turn, key, record) VALUES ('a', 0, 'k0', '{\"speaker\": \"A\", \"text\": \"t\"}');")
+    old.close()
+    s = SqliteStore(tmp_path)
+    assert s.adapter("a") is None and s.append("a", rec(1), 1, "k1")[0] == 1
+    assert s.append("b", rec(0), 0, "k", "tv")[0] == 0 and s.adapter("b") == "tv"
 
 
 def test_open_store_defaults_beside_the_models_and_redis_needs_a_url(tmp_path):
