@@ -47,11 +47,13 @@ def replica_pids(deployment: str, app: str = "mer") -> list[int]:
 
 
 def deploy_app(models_dir: str, sessions_dir: str, port: int, replicas: int | None = None, yaml: str = HA_YAML,
-               overrides: list[tuple[str, str]] | None = None, colocated: bool = False) -> str:
+               overrides: list[tuple[str, str]] | None = None, colocated: bool = False,
+               extra_options: dict[str, dict] | None = None) -> str:
     """Deploy ``yaml`` (every deployment at ``replicas`` when given) on the connected Ray; the base URL.
 
     ``colocated``: the same YAML in the co-located layout, ``FeaturizerVanilla`` taking the ``Featurizer``
-    entry's options (replicas, health checks) and the two stages' CPUs together.
+    entry's options (replicas, health checks) and the two stages' CPUs together. ``extra_options``: options of
+    deployments the YAML does not list (the optional members the scenarios switch on).
     """
     from mer_ray.serve.deploy import deploy, resolve
 
@@ -63,6 +65,7 @@ def deploy_app(models_dir: str, sessions_dir: str, port: int, replicas: int | No
         feat, van = options.pop("Featurizer"), options.pop("Vanilla")
         cpus = feat["ray_actor_options"]["num_cpus"] + van["ray_actor_options"]["num_cpus"]
         options["FeaturizerVanilla"] = {**feat, "ray_actor_options": {**feat["ray_actor_options"], "num_cpus": cpus}}
+    options.update(extra_options or {})
     if replicas is not None:
         options = {k: {**v, "num_replicas": replicas} for k, v in options.items()}
     return deploy(cfg, options, port=port, name=app.get("name", "mer"), timeout_s=300)
@@ -212,13 +215,15 @@ def session_store(url: str, n_turns: int = 24, kill_at: int = 10, limit_s: float
             "failed_requests": dict(failed), "recovery_s": None, "turns_answered": got_turns, "stored_in_order": seen == texts}
 
 
-def run_serve_scenarios(models_dir: str, out_dir: str) -> dict[str, dict]:
+def run_serve_scenarios(models_dir: str, out_dir: str, optional_members: bool = True) -> dict[str, dict]:
     """Every Serve scenario, on the connected Ray (a fresh local one is started when none is): ``{name: result}``.
 
     Under ``serve/ha.yaml``: ``serve_Featurizer``, ``serve_Vanilla``, ``serve_Ingress``, ``session_store``,
     ``serve_proxy``, ``serve_controller``, and ``serve_LLMRefiner``, ``serve_Fusion`` under ``use_llm: true``
     requests (when ``models_dir`` has ``fusion/``; else the LLM path is off and they are recorded as skipped);
-    in its co-located layout ``serve_FeaturizerVanilla``; then with one replica per stage ``serve_Featurizer_single``.
+    in its co-located layout ``serve_FeaturizerVanilla``; with the optional members on (tiny Gemma-shaped
+    models added to a copy of ``models_dir``) ``serve_MLLM`` and ``serve_Adapters``; then with one replica per
+    stage ``serve_Featurizer_single``.
     """
     import ray
     from ray import serve
@@ -246,6 +251,8 @@ def run_serve_scenarios(models_dir: str, out_dir: str) -> dict[str, dict]:
         url = deploy_app(models_dir, str(out / "sessions"), port, overrides=off, colocated=True)
         res["serve_FeaturizerVanilla"] = kill_one("FeaturizerVanilla", url)
         serve.delete("mer")
+        if optional_members:
+            res.update(optional_member_scenarios(models_dir, out, port))
         url = deploy_app(models_dir, str(out / "sessions"), port, replicas=1, overrides=off)
         res["serve_Featurizer_single"] = kill_one("Featurizer", url, single=True)
     finally:
@@ -266,3 +273,42 @@ def _skipped_llm(models_dir: str) -> dict[str, dict]:
     reason = f"{models_dir} has no fusion/ (mer lantern fit), so the LLM path cannot be deployed"
     return {f"serve_{d}": {"injected": {}, "expected": None, "observed": None, "lost": None, "duplicated": None,
                            "failed_requests": {}, "recovery_s": None, "skipped": reason} for d in ("LLMRefiner", "Fusion")}
+
+
+#: The optional members' options in their scenario: two replicas each, as serve/ha.yaml gives every deployment.
+OPTIONAL_HA = {"num_replicas": 2, "max_ongoing_requests": 8, "health_check_period_s": 5, "health_check_timeout_s": 20,
+               "ray_actor_options": {"num_cpus": 0.2}}
+
+
+def with_optional_members(models_dir: str, root: Path) -> Path:
+    """``models_dir`` (linked) plus a tiny fine-tuned MLLM in ``mllm/`` and one tiny adapter ``tiny`` (built, not trained)."""
+    import shutil
+
+    from mer_ray.mllm.adapters import install_adapter
+    from mer_ray.mllm.tiny import build_tiny_finetuned, build_tiny_lm
+
+    models = root / "models"
+    if not (models / "mllm" / "adapters" / "tiny").exists():
+        models.mkdir(parents=True, exist_ok=True)
+        for child in Path(models_dir).iterdir():
+            if child.name != "mllm" and not (models / child.name).exists():
+                (models / child.name).symlink_to(child.resolve())
+        base = build_tiny_lm(root / "base", "gemma3")
+        shutil.copytree(build_tiny_finetuned(base, root / "ft_mllm", "meld7", 0), models / "mllm")
+        install_adapter(build_tiny_finetuned(base, root / "ft_adapter", "meld7", 1), models, "tiny")
+    return models
+
+
+def optional_member_scenarios(models_dir: str, out: Path, port: int) -> dict[str, dict]:
+    """``serve_MLLM`` (every request crosses it with ``use_mllm``) and ``serve_Adapters`` (requests naming ``tiny``)."""
+    from ray import serve
+
+    models = with_optional_members(models_dir, out / "optional")
+    url = deploy_app(str(models), str(out / "sessions"), port,
+                     overrides=[("llm.enabled", "false"), ("use_mllm", "true"), ("adapters.enabled", "true")],
+                     extra_options={"MLLM": OPTIONAL_HA, "Adapters": OPTIONAL_HA})
+    try:
+        return {"serve_MLLM": kill_one("MLLM", url),
+                "serve_Adapters": kill_one("Adapters", url, body={"utterances": DIALOGUE, "model": "tiny"})}
+    finally:
+        serve.delete("mer")

@@ -4,7 +4,8 @@ with one replica of a stage killed under 80 requests at concurrency 4; every Ing
 middle of a streamed session's append; the proxy and the controller killed; the co-located layout's
 FeaturizerVanilla killed; the LLM path on (the packaged SmolLM2 through llama.cpp, a tiny fusion module) with an
 LLMRefiner and a Fusion replica killed under 20 ``use_llm`` requests at concurrency 2; then one replica per
-stage with the Featurizer killed. Bounded: 80 requests per load, 120 s (LLM: 300 s) per load, 180 s per recovery."""
+stage with the Featurizer killed; and (``chaos_full``, make test-chaos only) the optional MLLM and Adapters members
+killed. Bounded: 80 requests per load, 120 s (LLM: 300 s) per load, 180 s per recovery."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def scenarios(tmp_path_factory):
     out = tmp_path_factory.mktemp("chaos_serve")
     start_local_ray(num_cpus=4, temp_dir=str(tmp_path_factory.mktemp("ray")))
     try:
-        res = run_serve_scenarios(str(tiny_fusion(tiny_models(tmp_path_factory.mktemp("models")))), str(out))
+        # the optional members (MLLM, Adapters) run in their own test below, left out of make test (chaos_full)
+        res = run_serve_scenarios(str(tiny_fusion(tiny_models(tmp_path_factory.mktemp("models")))), str(out), optional_members=False)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -72,3 +74,29 @@ def test_one_replica_per_stage_a_dead_featurizer_gets_503_with_retry_after_never
     r = scenarios["serve_Featurizer_single"]
     assert set(r["failed_requests"]) <= {"503"} and r["503_without_retry_after"] == 0, r
     assert r["recovery_s"] is not None, r  # service resumed by itself
+
+
+@pytest.mark.chaos_full
+def test_ha_a_dead_optional_member_replica_fails_no_request(tmp_path):
+    """The optional members with two replicas each (serve/ha.yaml plus ``use_mllm`` and ``adapters``): a tiny
+    fine-tuned MLLM crossed by every request, and a tiny adapter named by every request; one replica killed."""
+    import ray
+    from ray import serve
+
+    from mer_ray.bench.chaos_serve import free_port, optional_member_scenarios
+    from mer_ray.serve.deploy import start_local_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    start_local_ray(num_cpus=4, temp_dir=str(tmp_path / "ray"))
+    try:
+        res = optional_member_scenarios(str(tiny_models(tmp_path / "models")), tmp_path / "out", free_port())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(json.dumps(res, indent=1))
+    for name in ("serve_MLLM", "serve_Adapters"):
+        r = res[name]
+        assert 0.2 <= r["injected"]["progress"] <= 0.8 and r["injected"]["pid"], (name, r)
+        assert r["failed_requests"] == {} and r["lost"] == 0 and r["observed"] == r["expected"] == 80, (name, r)
+        assert r["recovery_s"] is not None, (name, r)
