@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from mer_ray.bench.chaos_cluster import start_cluster, stop_cluster
+from mer_ray.bench.chaos_cluster import skipped, start_cluster, stop_cluster
 from mer_ray.bench.chaos_extract import run_extract_scenario
 from mer_ray.bench.chaos_lantern import run_lantern_scenario
 from mer_ray.bench.chaos_train import run_llm_scenario, run_vanilla_scenario
@@ -20,10 +20,6 @@ from mer_ray.bench.chaos_train import run_llm_scenario, run_vanilla_scenario
 BATCH_SCENARIOS = ("extract_node", "lantern_actor", "train_vanilla_worker", "train_llm_worker")
 
 
-
-def _missing(reason: str) -> dict:
-    return {"injected": {}, "expected": None, "observed": None, "lost": None, "duplicated": None, "failed_requests": {},
-            "recovery_s": None, "skipped": reason}
 
 
 def run_bench(out: str | Path, work_dir: str | Path | None = None, meld_dir: str | Path | None = None,
@@ -49,7 +45,7 @@ def run_bench(out: str | Path, work_dir: str | Path | None = None, meld_dir: str
         if meld_dir and (Path(meld_dir) / "train_sent_emo.csv").exists():
             runs.append(("train_llm_worker", lambda: run_llm_scenario(work / "llm", meld_dir)))
         else:
-            scenarios["train_llm_worker"] = _missing(f"MELD text not found at {meld_dir} (--meld-dir)")
+            scenarios["train_llm_worker"] = skipped(f"MELD text not found at {meld_dir} (--meld-dir)")
         for name, fn in runs:
             if only is not None and name not in only:
                 continue
@@ -57,7 +53,7 @@ def run_bench(out: str | Path, work_dir: str | Path | None = None, meld_dir: str
             try:
                 scenarios[name] = fn()
             except Exception as e:  # noqa: BLE001 - one scenario failing is a result, the others still run
-                scenarios[name] = {**_missing("scenario raised"), "error": f"{type(e).__name__}: {e}"}
+                scenarios[name] = {**skipped("scenario raised"), "error": f"{type(e).__name__}: {e}"}
             scenarios[name]["scenario_s"] = round(time.time() - s0, 1)
             _check_window(scenarios[name])
     finally:
@@ -65,7 +61,7 @@ def run_bench(out: str | Path, work_dir: str | Path | None = None, meld_dir: str
     try:
         from mer_ray.bench import chaos_serve
     except ImportError:
-        scenarios["serve"] = _missing("mer_ray.bench.chaos_serve is missing")
+        scenarios["serve"] = skipped("mer_ray.bench.chaos_serve is missing")
     else:
         if only is None or any(n.startswith(("serve_", "session")) for n in only):
             serve_dir = work / "serve"
@@ -76,7 +72,7 @@ def run_bench(out: str | Path, work_dir: str | Path | None = None, meld_dir: str
                     if name.startswith(("serve_", "session")):
                         _check_window(rec)
             except Exception as e:  # noqa: BLE001
-                scenarios["serve"] = {**_missing("run_serve_scenarios raised"), "error": f"{type(e).__name__}: {e}"}
+                scenarios["serve"] = {**skipped("run_serve_scenarios raised"), "error": f"{type(e).__name__}: {e}"}
     result = {"scenarios": scenarios, "wall_s": round(time.time() - t0, 1),
               "cluster": {"head_cpus": 0.0, "worker_nodes": 2, "worker_cpus": 1.0}, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out.parent.mkdir(parents=True, exist_ok=True)

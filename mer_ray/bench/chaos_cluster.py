@@ -185,6 +185,12 @@ class ResumeWatch:
         return round(self.t_back - self.t_kill, 3) if self.t_back and self.t_kill else None
 
 
+def skipped(reason: str) -> dict:
+    """A scenario record for a scenario that did not run (``skipped`` says why), in every record's shape."""
+    return {"injected": {}, "expected": None, "observed": None, "lost": None, "duplicated": None, "failed_requests": {},
+            "recovery_s": None, "skipped": reason}
+
+
 def compare_ids(clean: list, observed: list) -> dict:
     """``lost`` (in the clean run, not here), ``duplicated`` (seen more than once here), ``extra`` (never in the clean run)."""
     from collections import Counter

@@ -18,6 +18,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from mer_ray.bench.chaos_cluster import skipped
+
 DIALOGUE = [{"speaker": "Ross", "text": "We were on a break!"}, {"speaker": "Rachel", "text": "Oh, I can't believe you said that."}]
 HA_YAML = "serve/ha.yaml"
 #: The request every load sends; the LLM scenarios send it with ``use_llm: true``.
@@ -271,8 +273,7 @@ def _llm_scenarios(url: str, n: int = 20, concurrency: int = 2) -> dict[str, dic
 
 def _skipped_llm(models_dir: str) -> dict[str, dict]:
     reason = f"{models_dir} has no fusion/ (mer lantern fit), so the LLM path cannot be deployed"
-    return {f"serve_{d}": {"injected": {}, "expected": None, "observed": None, "lost": None, "duplicated": None,
-                           "failed_requests": {}, "recovery_s": None, "skipped": reason} for d in ("LLMRefiner", "Fusion")}
+    return {f"serve_{d}": skipped(reason) for d in ("LLMRefiner", "Fusion")}
 
 
 #: The optional members' options in their scenario: two replicas each, as serve/ha.yaml gives every deployment.
