@@ -40,12 +40,22 @@ def bench_lantern(
     sizes: str = typer.Option("4,8,whole", help="receptive-field sizes"),
     actors: int = typer.Option(2, help="engines in the Ray job (default: as jobs/lantern_prompt.yaml)"),
     threads: int = typer.Option(1, help="threads per engine; the naive loop and raw rate use actors x threads"),
+    part: str = typer.Option("job", help="job: Ray job vs naive loop vs floor; backends: in-process vs "
+                             "ray_data_http on a fixed query subset (starts a llama_cpp.server); all: both"),
+    http_queries: int = typer.Option(200, help="--part backends: size of the fixed query subset (seed 0)"),
 ) -> None:
-    """Lantern prompting: Ray job vs a naive loop vs the prefix-trie floor (Gemma 3 270M)."""
+    """Lantern prompting (Gemma 3 270M): Ray job vs a naive loop vs the prefix-trie floor, and backends side by side."""
     from mer_ray.bench.lantern import run_bench
 
-    res = run_bench(out, vanilla, data_dir, dialogues, sizes, actors, threads)
-    typer.echo(json.dumps({k: res[k] for k in ("speedup_vs_naive", "wall_over_floor")}, indent=2))
+    if part not in ("job", "backends", "all"):
+        typer.echo(f"mer bench lantern: --part must be job, backends or all, not {part!r}", err=True)
+        raise typer.Exit(2)
+    res = run_bench(out, vanilla, data_dir, dialogues, sizes, actors, threads, part, http_queries)
+    keys = [k for k in ("speedup_vs_naive", "wall_over_floor") if k in res]
+    shown = {k: res[k] for k in keys}
+    if "backends" in res:
+        shown.update({k: res["backends"][k] for k in ("http_over_in_process_seconds", "http_over_in_process_tokens", "scores")})
+    typer.echo(json.dumps(shown, indent=2))
 
 
 @app.command("train")

@@ -1,9 +1,10 @@
-"""``mer bench lantern``: the Ray prompt job vs a naive loop vs the prefix-trie floor.
+"""``mer bench lantern``: the Ray prompt job vs a naive loop vs the prefix-trie floor (``--part job``),
+and the in-process job beside ``backend: ray_data_http`` (``--part backends``, :mod:`.lantern_backends`).
 
 Queries are fixed: every query of the first N MELD dev dialogues at the given
 sizes, default template, Gemma 3 270M, references from a fixed vanilla file (a
-quick TF-IDF model trained on MELD train if none is given). All three
-measurements use the same total thread count.
+quick TF-IDF model trained on MELD train if none is given). All
+measurements of a part use the same total thread count.
 """
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ def trie_size(token_lists: list[list[int]]) -> int:
 
 
 def run_bench(out: str | Path, vanilla: str | Path | None, data_dir: str | Path | None, n_dialogues: int = 40,
-              sizes: str = "4,8,whole", actors: int = 2, threads: int = 1) -> dict:
-    """Ray job vs naive loop vs the prefix-trie floor on the first ``n_dialogues`` MELD dev dialogues; writes ``out``."""
-    from mer_ray.data.loaders import meld_dir
-    from mer_ray.lantern.config import PromptJobConfig
-    from mer_ray.lantern.job import run_prompt_job
-    from mer_ray.lantern.prompt import make_queries
-    from mer_ray.lantern.queries import CF_DIALOGUE
-    from mer_ray.llm.llamacpp import LlamaCppScorer
-    from mer_ray.runtime import start_ray
+              sizes: str = "4,8,whole", actors: int = 2, threads: int = 1, part: str = "job",
+              http_queries: int = 200) -> dict:
+    """Run ``part`` (``job``, ``backends`` or ``all``) on the first ``n_dialogues`` MELD dev dialogues; writes ``out``.
 
+    ``job``: Ray job vs naive loop vs the prefix-trie floor (``sizes``, ``actors``, ``threads``).
+    ``backends``: in-process vs ``ray_data_http`` on a fixed ``http_queries`` of the shipped job's queries.
+    """
+    from mer_ray.data.loaders import meld_dir
+
+    if part not in ("job", "backends", "all"):
+        raise ValueError(f"part must be job, backends or all, not {part!r}")
     data_dir = meld_dir(data_dir)
     work = Path(tempfile.mkdtemp(prefix="mer-bench-lantern-"))
     if vanilla is None:
@@ -49,6 +51,27 @@ def run_bench(out: str | Path, vanilla: str | Path | None, data_dir: str | Path 
 
         vanilla = work / "vanilla_quick.parquet"
         quick_vanilla_predictions(data_dir, splits=("dev",), out=vanilla)
+    res: dict = {"part": part, "vanilla": str(vanilla)}
+    if part in ("job", "all"):
+        res.update(_job_vs_naive(work, vanilla, n_dialogues, sizes, actors, threads))
+    if part in ("backends", "all"):
+        from mer_ray.bench.lantern_backends import run_backend_bench
+
+        res["backends"] = run_backend_bench(work / "backends", Path(vanilla), data_dir, http_queries, n_dialogues)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=2))
+    return res
+
+
+def _job_vs_naive(work: Path, vanilla: str | Path, n_dialogues: int, sizes: str, actors: int, threads: int) -> dict:
+    """The Ray job, a naive loop and the prefix-trie floor on the same queries and total threads."""
+    from mer_ray.lantern.config import PromptJobConfig
+    from mer_ray.lantern.job import run_prompt_job
+    from mer_ray.lantern.prompt import make_queries
+    from mer_ray.lantern.queries import CF_DIALOGUE
+    from mer_ray.llm.llamacpp import LlamaCppScorer
+    from mer_ray.runtime import start_ray
+
     total_threads = actors * threads
     cfg = PromptJobConfig(vanilla=str(vanilla), out=str(work / "job"), splits=["dev"], sizes=sizes,
                           max_dialogues=n_dialogues, actors=actors, cpus_per_actor=1.0, ray_cpus=max(2, actors),
@@ -115,6 +138,4 @@ def run_bench(out: str | Path, vanilla: str | Path | None, data_dir: str | Path 
     res["wall_over_floor"] = res["ray_job_seconds"] / res["floor_seconds"]
     res["goals"] = {"speedup_vs_naive>=5": res["speedup_vs_naive"] >= 5, "wall_over_floor<=1.5": res["wall_over_floor"] <= 1.5}
     res["load_avg_end"] = os.getloadavg()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(res, indent=2))
     return res

@@ -65,13 +65,6 @@ def normalise(logprobs: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=-1, keepdims=True)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Log-softmax over the vocabulary of one logits row (``[V]``), in float64."""
-    x = logits.astype(np.float64)
-    m = x.max()
-    return x - (m + np.log(np.exp(x - m).sum()))
-
-
 def label_continuations(tokenize, prompt: str, labels: Sequence[str]) -> list[list[int]]:
     """Token ids of each label where it actually follows ``prompt``.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mer_ray.llm.base import LabelScores, LabelTrie, label_continuations, log_softmax, normalise
+from mer_ray.llm.base import LabelScores, LabelTrie, label_continuations, normalise
 
 
 def gguf_prompt_format(model: str | Path) -> tuple[str | None, str, str]:
@@ -102,8 +102,14 @@ class LlamaCppScorer:
         return self._label_cache[key]
 
     def _last_logprobs(self) -> np.ndarray:
+        """Log-softmax of the last position's logits, ``[V]`` float32.
+
+        llama-cpp-python's own ``Llama.logits_to_logprobs``: its server reports exactly these
+        values, so the ``ray_data_http`` backend's scores equal this scorer's bit for bit (a float64
+        log-softmax differed by float32 rounding, ~2e-7). Each token's log-prob is then summed in
+        float64."""
         ptr = self.llm._ctx.get_logits_ith(-1)
-        return log_softmax(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy())
+        return self.llm.logits_to_logprobs(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy())
 
     def _score_trie(self, node: dict, lp: np.ndarray, acc: float, out: np.ndarray) -> int:
         """Walk the label trie from the current cache position; returns tokens evaluated."""

@@ -36,8 +36,6 @@ def test_labels_are_scored_exactly_where_they_follow_the_chat_template(scorer):
     import llama_cpp
     from llama_cpp import Llama
 
-    from mer_ray.llm.base import log_softmax
-
     prompts = _prompts(scorer)
     assert prompts[0].endswith("<|im_start|>assistant\n")
     scorer.llm.reset()  # prompt 0 from an empty cache: no reused prefix, as in the reference
@@ -62,7 +60,7 @@ def test_labels_are_scored_exactly_where_they_follow_the_chat_template(scorer):
             if k:
                 ref.eval([r.label_tokens[j][k - 1]])  # one token per decode, as the scorer's label trie
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ref.ctx), shape=(n_vocab,)).copy()
-            total += float(log_softmax(logits)[tok])  # float64, summed in token order as the scorer
+            total += float(Llama.logits_to_logprobs(logits)[tok])  # summed in float64, in token order as the scorer
         assert ref.n_tokens == n + len(r.label_tokens[j]) - 1
         assert r.logprobs[j] == total, lab  # identical computation: bit equality
     for r in out:
