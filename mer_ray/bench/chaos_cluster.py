@@ -123,9 +123,13 @@ class Injector(threading.Thread):
         return self.record
 
 
-def kill_pid(pid: int) -> None:
-    """SIGKILL one process."""
-    os.kill(pid, signal.SIGKILL)
+def kill_pid(pid: int, missing_ok: bool = False) -> None:
+    """SIGKILL one process (``missing_ok``: one that has already gone is not an error)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        if not missing_ok:
+            raise
 
 
 def read_progress_file(path: str | Path, key: str = "step") -> dict | None:

@@ -10,15 +10,13 @@ first success after it. Everything targets 127.0.0.1, with a bounded number of r
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-from mer_ray.bench.chaos_cluster import skipped
+from mer_ray.bench.chaos_cluster import kill_pid, skipped
 
 DIALOGUE = [{"speaker": "Ross", "text": "We were on a break!"}, {"speaker": "Rachel", "text": "Oh, I can't believe you said that."}]
 HA_YAML = "serve/ha.yaml"
@@ -71,13 +69,6 @@ def deploy_app(models_dir: str, sessions_dir: str, port: int, replicas: int | No
     if replicas is not None:
         options = {k: {**v, "num_replicas": replicas} for k, v in options.items()}
     return deploy(cfg, options, port=port, name=app.get("name", "mer"), timeout_s=300)
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _post(client, url: str, path: str, body: dict):
@@ -171,7 +162,7 @@ def kill_one(deployment: str, url: str, n: int = 80, concurrency: int = 4, class
     before = actor_pids(cls)
 
     def kill():
-        _kill(before[0])
+        kill_pid(before[0], missing_ok=True)
         return cls, before[0]
 
     run = load(url, n, concurrency, kill_at=int(n * 0.4), kill=kill, body=body, time_limit_s=time_limit_s)
@@ -200,7 +191,7 @@ def session_store(url: str, n_turns: int = 24, kill_at: int = 10, limit_s: float
             body = {"utterance": {"speaker": DIALOGUE[k % 2]["speaker"], "text": texts[k]}, "use_llm": False, "expected_turn": k}
             if k == kill_at:
                 pids = replica_pids("Ingress")
-                threading.Timer(0.02, lambda p=pids: [_kill(x) for x in p]).start()  # lands while the turn is in flight
+                threading.Timer(0.02, lambda p=pids: [kill_pid(x, missing_ok=True) for x in p]).start()  # lands while the turn is in flight
                 injected = {"target": "ServeReplica:mer:Ingress (all replicas, the store's holders)", "pid": pids,
                             "at_s": round(time.time() - t0, 3), "progress": round(kill_at / n_turns, 3)}
             while time.time() - t0 < limit_s:

@@ -113,15 +113,26 @@ class Calibration(BaseModel):
 
         Each set is ordered by probability, never empty, and always holds the argmax.
         """
+        q = self.thresholds(name, label_set, alpha)
+        if q is None:
+            return None
+        labels = self.conformal[name][label_set].labels
+        return [prediction_set(p, q, labels) for p in np.asarray(probs, dtype=np.float64)]
+
+    def thresholds(self, name: str, label_set: str, alpha: float | None = None) -> np.ndarray | None:
+        """Per-label LAC thresholds ``[C']`` (``label_set``'s order) at ``alpha`` (None: the default); None when
+        ``name`` has no scores in ``label_set``. A set holds each label whose ``1 - p`` is at most its threshold.
+
+        Raises:
+            ValueError: ``alpha`` is outside :attr:`alpha_range` (the message names the range).
+        """
         sc = self.conformal.get(name, {}).get(label_set)
         if sc is None:
             return None
         alpha = self.alpha_default if alpha is None else alpha
         self.check_alpha(alpha)
         if self.method == "lac":
-            q = np.full(len(sc.labels), lac_threshold(sc.all, alpha))
-        else:
-            # a label no calibration utterance has (e.g. one no model label maps to) takes the marginal threshold
-            q_all = lac_threshold(sc.all, alpha)
-            q = np.array([lac_threshold(sc.per_label[lab], alpha) if sc.per_label.get(lab) else q_all for lab in sc.labels])
-        return [prediction_set(p, q, sc.labels) for p in np.asarray(probs, dtype=np.float64)]
+            return np.full(len(sc.labels), lac_threshold(sc.all, alpha))
+        # a label no calibration utterance has (e.g. one no model label maps to) takes the marginal threshold
+        q_all = lac_threshold(sc.all, alpha)
+        return np.array([lac_threshold(sc.per_label[lab], alpha) if sc.per_label.get(lab) else q_all for lab in sc.labels])

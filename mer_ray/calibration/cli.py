@@ -67,3 +67,33 @@ def calibrate(
     c = rep["conformal"] or rep["conformal_no_llm"] or {}
     typer.echo(json.dumps({"ece_after": {n: round(m["ece_after"], 4) for n, m in rep["test"].items()},
                            "coverage": c.get("coverage"), "mean_set_size": c.get("mean_set_size"), "goals": rep["goals"]}, indent=1))
+
+
+@app.command("calibrate-adapter")
+def calibrate_adapter_cmd(
+    models: Path = typer.Option(..., help="The models directory that holds the adapter (<models>/mllm/adapters/NAME)."),
+    name: str = typer.Option(..., help="The adapter."),
+    predictions: Path = typer.Option(..., help="Its dev predictions: mer predict llm --model MODELS/mllm/adapters/NAME --split dev --out P."),
+    meld_dir: Path | None = typer.Option(None, help="MELD CSV directory for dev gold (default: $MER_MELD_DIR)."),
+    manifest: Path | None = typer.Option(None, help="Dev gold from this manifest instead (an adapter trained on another corpus)."),
+    alpha: float = typer.Option(0.1, help="Default miscoverage of the adapter's prediction sets."),
+    method: str = typer.Option("class_conditional_lac", help="class_conditional_lac (a threshold per label) or lac (marginal)."),
+    folds: int = typer.Option(5, help="Cross-fitting folds over dev dialogues for the out-of-fold conformal scores."),
+    seed: int = typer.Option(0, help="Fold seed."),
+):
+    """Fit one adapter's temperature and conformal scores on its dev predictions; write its calibration.json.
+    Served adapters then answer calibrated, with prediction sets at the request's alpha (re-read on reload)."""
+    from mer_ray.calibration.adapter import calibrate_adapter
+    from mer_ray.calibration.sources import gold_from_meld, gold_from_table
+
+    if meld_dir is not None and manifest is not None:
+        raise typer.BadParameter("give at most one of --meld-dir and --manifest")
+    if manifest is not None:
+        from mer_ray.data.loaders import load_manifest
+
+        gold = gold_from_table(load_manifest(manifest), "dev").get("dev", {})
+    else:
+        gold = gold_from_meld(meld_dir, ("dev",))["dev"]
+    cal = calibrate_adapter(models, name, predictions, gold, method=method, alpha=alpha, k=folds, seed=seed)
+    typer.echo(f"adapter {name!r}: T = {cal.temperatures['mllm']:.4f}, {cal.method}, alpha range {list(cal.alpha_range)}, "
+               f"sets in {sorted(cal.conformal.get('mllm', {}))}; fitted on {cal.fitted_on['n']} dev utterances")

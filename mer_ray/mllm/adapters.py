@@ -1,7 +1,8 @@
 """Named fine-tuned adapters on one base LLM: ``<models>/mllm/adapters/<name>/``, each a fine-tuned directory.
 
 An adapter directory is what ``mer finetune`` writes (see :mod:`mer_ray.mllm.artifacts`) plus,
-optionally, its own ``calibration.json``.
+optionally, its own ``calibration.json`` (``mer calibrate-adapter``: a temperature and conformal scores for
+distribution ``mllm``, fitted on the adapter's dev predictions).
 Each carries its own label set, so one endpoint can serve a call-centre adapter and a
 TV-dialogue adapter side by side.
 
@@ -116,6 +117,24 @@ class LoadedAdapter:
 
             p = apply_temperature(p, self.temperature)
         return p
+
+    def set_rule(self, label_set: str, alpha: float | None = None) -> dict | None:
+        """What this adapter's conformal prediction sets in ``label_set`` need, from its ``calibration.json``.
+
+        Returns:
+            ``{thresholds: [C'], labels: [C'], alpha, method, alpha_range}`` (``label_set``'s label order), or
+            None when the adapter has no conformal scores for ``label_set`` (then it gives no sets).
+
+        Raises:
+            ValueError: ``alpha`` is outside the calibration's range.
+        """
+        cal = self.calibration
+        q = None if cal is None else cal.thresholds("mllm", label_set, alpha)
+        if q is None:
+            return None
+        return {"thresholds": q.tolist(), "labels": list(cal.conformal["mllm"][label_set].labels),
+                "alpha": cal.alpha_default if alpha is None else float(alpha), "method": cal.method,
+                "alpha_range": list(cal.alpha_range)}
 
     def __del__(self):  # Serve's multiplexer calls this on LRU eviction
         host = self.__dict__.pop("host", None)

@@ -44,13 +44,14 @@ def label_map(model_set: str, target: str | None) -> tuple[str, list[str], np.nd
     return target, tgt, mapping_matrix(get_label_set(model_set).labels, tgt, mapping)
 
 
-def _project(p, proj: np.ndarray | None) -> np.ndarray:
+def project_rows(p, proj: np.ndarray | None) -> np.ndarray:
     """[n, C] model-label probabilities -> [n, C'] (labels without a counterpart drop out; rows renormalised)."""
     p = np.asarray(p, dtype=np.float64)
     return p if proj is None else project(p, proj)
 
 
-def _as_dist(p, labels: list[str]) -> dict[str, float]:
+def as_dist(p, labels: list[str]) -> dict[str, float]:
+    """A [C] probability row -> ``{label: p}`` (the API's distribution shape)."""
     return {lab: float(v) for lab, v in zip(labels, p)}
 
 
@@ -195,15 +196,15 @@ class Ensemble:
     def _calibrated(self, dist: str, p, proj: np.ndarray | None) -> np.ndarray:
         """Temperature on the model's labels (where it was fitted), then the label-set projection: [n, C] -> [n, C']."""
         p = np.asarray(p, dtype=np.float64)
-        return _project(p if self.calibration is None else self.calibration.calibrate(dist, p), proj)
+        return project_rows(p if self.calibration is None else self.calibration.calibrate(dist, p), proj)
 
     def _member(self, dist: str, p, proj: np.ndarray | None, labels: list[str], k: int) -> list[dict | None]:
         """A member's ``k`` calibrated rows as dicts: ``p`` is [k, C], a list of [C] or None (not scored), or None."""
         if p is None:
             return [None] * k
         if isinstance(p, np.ndarray):
-            return [_as_dist(r, labels) for r in self._calibrated(dist, p, proj)]
-        return [None if r is None else _as_dist(self._calibrated(dist, np.asarray(r)[None], proj)[0], labels) for r in p]
+            return [as_dist(r, labels) for r in self._calibrated(dist, p, proj)]
+        return [None if r is None else as_dist(self._calibrated(dist, np.asarray(r)[None], proj)[0], labels) for r in p]
 
     def _answer(self, name: str, labels: list[str], proj, final: str, fused: np.ndarray, members: dict, fields: list,
                 targets: list[int], alpha: float | None, timing: dict) -> dict:
@@ -212,15 +213,15 @@ class Ensemble:
         ``final`` names the distribution ``probs`` is calibrated (and its sets made) as: ``final_llm``/``final_no_llm``.
         """
         cal, k = self.calibration, len(targets)
-        raw = _project(fused[targets], proj)
+        raw = project_rows(fused[targets], proj)
         probs = self._calibrated(final, fused[targets], proj)
         sets = None if cal is None else cal.prediction_sets(final, name, probs, alpha)
         at = {m: None if v is None else (v[targets] if isinstance(v, np.ndarray) else [v[i] for i in targets]) for m, v in members.items()}
         per = {m: self._member(m, v, proj, labels, k) for m, v in at.items()}
         out = []
         for j, i in enumerate(targets):
-            p = _as_dist(probs[j], labels)
-            out.append({"label": max(p, key=p.get), "probs": p, "probs_uncalibrated": _as_dist(raw[j], labels),
+            p = as_dist(probs[j], labels)
+            out.append({"label": max(p, key=p.get), "probs": p, "probs_uncalibrated": as_dist(raw[j], labels),
                         "prediction_set": None if sets is None else sets[j], **{m: per[m][j] for m in per},
                         "receptive_fields": [list(map(int, f)) for f in fields[i]]})
         conformal = None if sets is None else {"method": cal.method, "alpha_range": list(cal.alpha_range)}

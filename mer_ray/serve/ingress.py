@@ -84,6 +84,7 @@ class Ingress:
         self.store = _Store(self.cfg.sessions)
         self.adapters = adapters  # the Adapters deployment (adapters.enabled), else None
         self._known, self._known_at = {}, -ADAPTERS_TTL_S
+        self._adapter_cals: dict = {}  # name -> its Calibration or None, read once per ADAPTERS_TTL_S
 
     def known_adapters(self) -> dict[str, str] | None:
         """``{name: label set}`` of the installed adapters (re-read every :data:`ADAPTERS_TTL_S`); None: not enabled."""
@@ -93,7 +94,25 @@ class Ingress:
             from mer_ray.mllm.adapters import list_adapters
 
             self._known, self._known_at = list_adapters(self.cfg.models_dir), time.monotonic()
+            self._adapter_cals = {}
         return self._known
+
+    def _check_adapter_alpha(self, adapter: str, alpha: float | None) -> None:
+        """422 (AlphaError) when ``adapter`` has conformal scores and ``alpha`` is outside their range; an adapter
+        without them ignores ``alpha`` (its answer says ``alpha: null``), as an uncalibrated ensemble does."""
+        if alpha is None:
+            return
+        if adapter not in self._adapter_cals:
+            from mer_ray.calibration.artifacts import Calibration
+            from mer_ray.mllm.adapters import adapters_root
+
+            self._adapter_cals[adapter] = Calibration.load(adapters_root(self.cfg.models_dir) / adapter)
+        cal = self._adapter_cals[adapter]
+        if cal is not None and cal.conformal.get("mllm"):
+            try:
+                cal.check_alpha(float(alpha))
+            except ValueError as e:
+                raise AlphaError(f"adapter {adapter!r}: {e}") from None
 
     def _choose(self, body: str | None, header: str | None, where: str = "") -> str | None:
         """The adapter a request names (None: the ensemble answers); 422 saying why a choice is refused."""
@@ -105,8 +124,8 @@ class Ingress:
     async def _options(self, req, where: str = "", adapter: str | None = None) -> tuple[str | None, bool]:
         """Check a request's label set and alpha (422 naming them); the label set and the effective ``use_llm``.
 
-        With ``adapter`` the label set is checked against the adapter's own; ``alpha`` and ``use_llm`` do not
-        apply (an adapter has no conformal scores and no LLM refiner), so they are not checked.
+        With ``adapter`` the label set is checked against the adapter's own, and ``alpha`` against the adapter's
+        calibration (if it has conformal scores); ``use_llm`` does not apply (an adapter has no LLM refiner).
         """
         if adapter is not None:
             self._choose(adapter, None, where)  # still installed: the list may have been re-read since the choice
@@ -114,6 +133,10 @@ class Ingress:
                 label_map(self.known_adapters()[adapter], req.label_set)
             except LabelSetError as e:
                 raise ApiError(422, f"{where}adapter {adapter!r}: {e}") from None
+            try:
+                self._check_adapter_alpha(adapter, req.alpha)
+            except AlphaError as e:
+                raise ApiError(422, f"{where}{e}") from None
             return req.label_set, False
         try:
             label_map(await self._run(self.ens.model_label_set), req.label_set)
@@ -177,16 +200,16 @@ class Ingress:
             t0, timing = time.perf_counter(), {}
             rows = await self._run(lambda: self.ens.featurize(utts))
             timing["features"] = (time.perf_counter() - t0) * 1e3
-            out = await self._adapter_rows(adapter, rows, label_set, None, timing)
+            out = await self._adapter_rows(adapter, rows, label_set, None, timing, req.alpha)
             timing["total"] = (time.perf_counter() - t0) * 1e3
         return S.RecognizeResponse.model_validate(out).model_dump()
 
     async def _adapter_rows(self, adapter: str, rows: list[dict], label_set: str | None, targets: list[int] | None,
-                            timing: dict[str, float]) -> dict:
+                            timing: dict[str, float], alpha: float | None = None) -> dict:
         """Featurized rows answered by ``adapter`` alone (Serve routes to a replica that holds it, else loads it)."""
         t = time.perf_counter()
         handle = self.adapters.options(multiplexed_model_id=adapter)
-        out = await self._run(lambda: handle.predict.remote(rows))
+        out = await self._run(lambda: handle.predict.remote(rows, label_set, alpha))
         timing["adapter"] = (time.perf_counter() - t) * 1e3
         return adapter_answer(out, label_set, targets, timing)
 
@@ -267,7 +290,7 @@ class Ingress:
             out = await self._run(lambda: self.ens.predict_rows(rows, use_llm, label_set, targets=[len(rows) - 1], timing=timing,
                                                                 alpha=req.alpha))
         else:
-            out = await self._adapter_rows(adapter, rows, label_set, [len(rows) - 1], timing)
+            out = await self._adapter_rows(adapter, rows, label_set, [len(rows) - 1], timing, req.alpha)
         u = out["utterances"][0]
         pred = {"turn": turn, "label_set": out["label_set"], "label": u["label"], "probs": u["probs"]}
         speakers = speaker_summary([*kept[:-1], {**kept[-1], "prediction": pred}], out["label_set"])

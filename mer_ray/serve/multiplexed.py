@@ -13,7 +13,9 @@ How the HTTP API uses it (:mod:`mer_ray.serve.ingress`; the rules are docs/serve
   label set, so their distributions cannot be mixed with another set's;
 - the adapter's temperature is applied as the ensemble's calibrated answers apply theirs
   (:func:`~mer_ray.calibration.temperature.apply_temperature` on the model's own labels, then the
-  label-set projection); adapters have no conformal scores here, so ``prediction_set`` and ``alpha`` are null;
+  label-set projection); an adapter calibrated by ``mer calibrate-adapter`` also has conformal scores, and
+  answers with prediction sets at the request's ``alpha`` (checked against its range by the Ingress); without
+  them ``prediction_set``, ``alpha`` and ``conformal`` are null;
 - in ``:batch`` each dialogue names its own adapter (a header names it for all); a session keeps the
   adapter it started with.
 """
@@ -95,12 +97,19 @@ def adapters_deployment(max_num_models_per_replica: int = 3):
             stale = set(self.host.stale)
             return sorted(n.rsplit("-", 1)[0] for n in getattr(self.host.lm, "peft_config", {}) if n not in stale)
 
-        async def predict(self, rows: list[dict]) -> dict:
-            """One dialogue's rows -> ``{adapter, label_set, labels, probs [n, C] uncalibrated, temperature}``."""
+        async def predict(self, rows: list[dict], label_set: str | None = None, alpha: float | None = None) -> dict:
+            """One dialogue's rows -> ``{adapter, label_set, labels, probs [n, C] uncalibrated, temperature, sets}``.
+
+            ``sets``: :meth:`~mer_ray.mllm.adapters.LoadedAdapter.set_rule` for the answer's label set (``label_set``,
+            None: the adapter's own) at ``alpha`` (already checked by the Ingress), or None without conformal scores.
+            """
+            from mer_ray.serve.ensemble import label_map
+
             adapter = await self.get_adapter(serve.get_multiplexed_model_id())
             probs = await asyncio.to_thread(adapter.predict, rows, False)
             return {"adapter": adapter.name, "label_set": adapter.label_set, "labels": adapter.labels,
-                    "probs": probs, "temperature": adapter.temperature, "calibrated": adapter.calibration is not None}
+                    "probs": probs, "temperature": adapter.temperature, "calibrated": adapter.calibration is not None,
+                    "sets": adapter.set_rule(label_map(adapter.label_set, label_set)[0], alpha)}
 
     return Adapters
 
@@ -116,18 +125,25 @@ def adapter_answer(out: dict, label_set: str | None, targets: list[int] | None, 
     Raises:
         LabelSetError: no written-down mapping from the adapter's label set to ``label_set``.
     """
+    from mer_ray.calibration.conformal import prediction_set
     from mer_ray.calibration.temperature import apply_temperature
-    from mer_ray.serve.ensemble import _as_dist, _project, label_map
+    from mer_ray.serve.ensemble import as_dist, label_map, project_rows
 
     name, labels, proj = label_map(out["label_set"], label_set)
     raw = np.asarray(out["probs"], dtype=np.float64)
     raw = raw if targets is None else raw[targets]
     t = float(out.get("temperature", 1.0))
-    probs = _project(raw if t == 1.0 else apply_temperature(raw, t), proj)
+    probs = project_rows(raw if t == 1.0 else apply_temperature(raw, t), proj)
+    rule = out.get("sets")
+    if rule is not None and rule["labels"] != list(labels):
+        raise ValueError(f"adapter {out['adapter']!r}: conformal labels {rule['labels']} are not {name}'s {labels}")
     utts = []
-    for p, r in zip(probs, _project(raw, proj)):
-        d = _as_dist(p, labels)
-        utts.append({"label": max(d, key=d.get), "probs": d, "probs_uncalibrated": _as_dist(r, labels), "prediction_set": None,
+    for p, r in zip(probs, project_rows(raw, proj)):
+        d = as_dist(p, labels)
+        sets = None if rule is None else prediction_set(p, np.asarray(rule["thresholds"]), labels)
+        utts.append({"label": max(d, key=d.get), "probs": d, "probs_uncalibrated": as_dist(r, labels), "prediction_set": sets,
                      "vanilla": None, "llm": None, "receptive_fields": [], "mllm": None})
+    conformal = None if rule is None else {"method": rule["method"], "alpha_range": rule["alpha_range"]}
     return {"label_set": name, "labels": labels, "model": out["adapter"], "utterances": utts,
-            "calibrated": bool(out.get("calibrated", False)), "alpha": None, "conformal": None, "timing_ms": timing}
+            "calibrated": bool(out.get("calibrated", False)), "alpha": None if rule is None else rule["alpha"],
+            "conformal": conformal, "timing_ms": timing}

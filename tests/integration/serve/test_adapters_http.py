@@ -1,6 +1,6 @@
 """Named adapters over real HTTP: the whole app (Featurizer, Vanilla, Adapters) on a real local Serve, deployed
 once for the module, with two tiny Gemma-shaped adapters on different label sets (``tv``: meld7; ``calls``:
-iemocap4, with a calibration temperature of 2). Each request gets its adapter's labels and exactly its adapter's
+iemocap4, calibrated: temperature 2 and conformal scores). Each request gets its adapter's labels and exactly its adapter's
 probabilities; the header and the ``model`` field must agree; an unknown adapter is a 422 listing the known ones;
 ``:batch`` answers each dialogue with its own adapter; a session keeps its first turn's adapter; ``/v1/labels``
 lists them. The LRU eviction and identical reload are ``test_adapters.py``'s (the deployment alone)."""
@@ -22,7 +22,6 @@ HEADER = "serve_multiplexed_model_id"
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from mer_ray.calibration.artifacts import Calibration
     from mer_ray.mllm.adapters import install_adapter
     from mer_ray.mllm.tiny import build_tiny_finetuned, build_tiny_lm
 
@@ -31,8 +30,31 @@ def models(tmp_path_factory):
     base = build_tiny_lm(root / "base", "gemma3")
     install_adapter(build_tiny_finetuned(base, root / "ft_tv", "meld7", 1), models, "tv")
     calls = install_adapter(build_tiny_finetuned(base, root / "ft_calls", "iemocap4", 2), models, "calls")
-    Calibration(label_set="iemocap4", labels=IEMOCAP4, temperatures={"mllm": TEMPERATURE}, alpha_range=(0.05, 0.5)).save(calls)
+    _calls_calibration(models).save(calls)
     return models
+
+
+def _calls_calibration(models):
+    """``calls``: temperature 2 and conformal scores in its own label set. The scores are the ``1 - p`` of its own
+    calibrated answers on DIALOGUE (12 of them: 3 near 0, 9 near 1), so the sets change with alpha: at 0.05 the
+    quantile rank exceeds 12 and every label is kept; at 0.5 it is the 7th smallest, which drops at least 5."""
+    from mer_ray.calibration.artifacts import Calibration, ConformalScores
+    from mer_ray.calibration.temperature import apply_temperature
+    from mer_ray.mllm.adapters import AdapterHost
+
+    p = apply_temperature(AdapterHost(models).load("calls").predict(DIALOGUE, calibrated=False), TEMPERATURE)
+    grid = sorted(float(x) for x in 1.0 - p.ravel())
+    scores = ConformalScores(labels=IEMOCAP4, all=grid, per_label={lab: grid for lab in IEMOCAP4})
+    return Calibration(label_set="iemocap4", labels=IEMOCAP4, temperatures={"mllm": TEMPERATURE}, alpha_range=(0.05, 0.5),
+                       alpha_default=0.1, conformal={"mllm": {"iemocap4": scores}})
+
+
+@pytest.fixture(scope="module")
+def calls_cal(models):
+    from mer_ray.calibration.artifacts import Calibration
+    from mer_ray.mllm.adapters import adapters_root
+
+    return Calibration.load(adapters_root(models) / "calls")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +92,7 @@ def probs(out: dict, key: str = "probs") -> np.ndarray:
     return np.asarray([[u[key][lab] for lab in out["labels"]] for u in out["utterances"]])
 
 
-def test_each_request_is_answered_by_its_adapter_in_its_labels(url, alone):
+def test_each_request_is_answered_by_its_adapter_in_its_labels(url, alone, calls_cal):
     from mer_ray.calibration.temperature import apply_temperature
 
     tv = post(url, "/v1/recognize", {"utterances": DIALOGUE}, **{HEADER: "tv"})
@@ -84,7 +106,11 @@ def test_each_request_is_answered_by_its_adapter_in_its_labels(url, alone):
     np.testing.assert_allclose(probs(tv), probs(tv, "probs_uncalibrated"), atol=0)
     np.testing.assert_allclose(probs(calls, "probs_uncalibrated"), alone["calls"], atol=1e-6)
     np.testing.assert_allclose(probs(calls), apply_temperature(probs(calls, "probs_uncalibrated"), TEMPERATURE), atol=1e-12)
-    assert all(u["vanilla"] is None and u["prediction_set"] is None for u in tv["utterances"] + calls["utterances"])
+    assert all(u["vanilla"] is None for u in tv["utterances"] + calls["utterances"])
+    assert all(u["prediction_set"] is None for u in tv["utterances"]) and tv["alpha"] is None  # no conformal scores
+    # calls: its own conformal sets on its calibrated probabilities, at the calibration's default alpha
+    assert calls["alpha"] == 0.1 and calls["conformal"] == {"method": "class_conditional_lac", "alpha_range": [0.05, 0.5]}
+    assert [u["prediction_set"] for u in calls["utterances"]] == calls_cal.prediction_sets("mllm", "iemocap4", probs(calls))
     assert ens["model"] is None and ens["labels"] == MELD7 and all(u["vanilla"] for u in ens["utterances"])  # the ensemble, as before
     same = post(url, "/v1/recognize", {"utterances": DIALOGUE, "model": "tv"}, **{"serve-multiplexed-model-id": "tv"})
     assert same.status_code == 200 and same.json()["model"] == "tv"  # both given and agreeing; the proxy's hyphen form
@@ -139,3 +165,21 @@ def test_a_session_keeps_the_adapter_of_its_first_turn(url):
 def test_labels_lists_the_adapters(url):
     out = httpx.get(f"{url}/v1/labels").json()
     assert out["adapters"] == {"calls": "iemocap4", "tv": "meld7"} and out["model_label_set"] == "meld7"
+
+
+def test_an_adapters_prediction_sets_follow_the_requests_alpha_within_its_range(url, calls_cal):
+    wide = post(url, "/v1/recognize", {"utterances": DIALOGUE, "model": "calls", "alpha": 0.05}).json()
+    narrow = post(url, "/v1/recognize", {"utterances": DIALOGUE, "model": "calls", "alpha": 0.5}).json()
+    assert (wide["alpha"], narrow["alpha"]) == (0.05, 0.5)
+    for a, w, n in zip(probs(wide), wide["utterances"], narrow["utterances"]):
+        assert w["prediction_set"] == calls_cal.prediction_sets("mllm", "iemocap4", a[None], 0.05)[0]
+        assert set(n["prediction_set"]) <= set(w["prediction_set"])  # a larger alpha never grows a set
+    assert all(len(u["prediction_set"]) == 4 for u in wide["utterances"])  # the rank exceeds the 12 scores: all labels
+    assert sum(len(u["prediction_set"]) for u in narrow["utterances"]) <= 7
+    r = post(url, "/v1/recognize", {"utterances": DIALOGUE, "model": "calls", "alpha": 0.9})
+    assert r.status_code == 422 and "adapter 'calls': alpha 0.9 is outside the range this calibration supports: [0.05, 0.5]" in r.json()["error"]
+    tv = post(url, "/v1/recognize", {"utterances": DIALOGUE, "model": "tv", "alpha": 0.9})
+    assert tv.status_code == 200 and tv.json()["alpha"] is None  # no conformal scores: alpha does not apply
+    turn = post(url, "/v1/sessions/calls-alpha/turns", {"utterance": DIALOGUE[0], "expected_turn": 0, "model": "calls", "alpha": 0.9})
+    assert turn.status_code == 422  # refused before the store: the session holds nothing
+    assert httpx.get(f"{url}/v1/sessions/calls-alpha").status_code == 404

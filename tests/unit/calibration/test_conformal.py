@@ -103,7 +103,7 @@ def test_mapped_label_sets_project_like_serve_and_drop_unmapped_gold():
     p = np.array([[0.1, 0.2, 0.3, 0.1, 0.1, 0.1, 0.1]])
     from mer_ray.data.labelmap import project
 
-    # surprise (0.3) has no sentiment: dropped, the rest renormalised (Serve's _as_dist does the same)
+    # surprise (0.3) has no sentiment: dropped, the rest renormalised (Serve's as_dist does the same)
     np.testing.assert_allclose(project(p, proj), [[0.1 / 0.7, 0.2 / 0.7, 0.4 / 0.7]])
     assert gmap["surprise"] is None
 

@@ -131,3 +131,21 @@ def test_mer_serve_with_adapters_and_none_installed_exits_1_before_ray_starts(tm
     res = CliRunner().invoke(app, ["serve", "--config", "serve/adapters.yaml", "--models", str(tmp_path), "--no-llm", "--exit"])
     assert res.exit_code == 1 and f"{tmp_path}/mllm/adapters holds no adapter" in res.output
     assert "--adapter-name NAME" in res.output
+
+
+def test_an_adapter_with_conformal_scores_answers_with_its_sets_at_the_requests_alpha():
+    from mer_ray.calibration.artifacts import Calibration, ConformalScores
+    from mer_ray.calibration.temperature import apply_temperature
+
+    grid = list(np.linspace(0.05, 0.95, 30))
+    cal = Calibration(label_set="iemocap4", labels=IEMOCAP4, temperatures={"mllm": 2.0}, alpha_range=(0.05, 0.5),
+                      conformal={"mllm": {"iemocap4": ConformalScores(labels=IEMOCAP4, all=grid, per_label={})}}, method="lac")
+    rule = {"thresholds": cal.thresholds("mllm", "iemocap4", 0.3).tolist(), "labels": IEMOCAP4, "alpha": 0.3,
+            "method": "lac", "alpha_range": [0.05, 0.5]}
+    out = adapter_answer({**deployment_out(P, temperature=2.0, calibrated=True), "sets": rule}, None, None, {})
+    assert out["alpha"] == 0.3 and out["conformal"] == {"method": "lac", "alpha_range": [0.05, 0.5]}
+    want = cal.prediction_sets("mllm", "iemocap4", apply_temperature(np.asarray(P), 2.0), 0.3)  # on the calibrated probs
+    assert [u["prediction_set"] for u in out["utterances"]] == want
+    assert all(u["label"] == s[0] for u, s in zip(out["utterances"], want))  # a set leads with the argmax
+    plain = adapter_answer({**deployment_out(P), "sets": None}, None, None, {})
+    assert plain["alpha"] is None and plain["conformal"] is None and all(u["prediction_set"] is None for u in plain["utterances"])
