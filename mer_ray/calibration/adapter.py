@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from mer_ray.calibration.artifacts import Calibration
 from mer_ray.calibration.calibrate import fit_calibration
-from mer_ray.calibration.sources import Key, _y
+from mer_ray.calibration.sources import Key, gold_indices
 
 
 def adapter_dir(models_dir: str | Path, name: str) -> Path:
@@ -59,7 +59,7 @@ def calibrate_adapter(models_dir: str | Path, name: str, predictions: str | Path
     if splits != {"dev"}:
         raise ValueError(f"{predictions}: calibration fits on dev only, these rows are split {sorted(splits)}")
     keys = list(zip(table["dialogue_id"].to_pylist(), table["turn"].to_pylist()))
-    y = _y(keys, gold, labels, str(predictions))
+    y = gold_indices(keys, gold, labels, str(predictions))
     probs = np.asarray(table["emotion_probs"].to_pylist(), dtype=np.float64)
     groups = np.array([key[0] for key in keys])
     prov = {"kind": "adapter", "adapter": name, "predictions": str(predictions), "distributions": {

@@ -89,7 +89,8 @@ def gold_from_table(table: pa.Table, split: str | None = None) -> dict[str, dict
     return out
 
 
-def _y(keys: Sequence[Key], gold: dict[Key, str], labels: Sequence[str], where: str) -> np.ndarray:
+def gold_indices(keys: Sequence[Key], gold: dict[Key, str], labels: Sequence[str], where: str) -> np.ndarray:
+    """[N] indices into ``labels`` of each key's gold label; ValueError naming ``where`` for missing or unknown gold."""
     missing = [k for k in keys if k not in gold]
     if missing:
         raise ValueError(f"{where}: {len(missing)} rows have no gold label (first {missing[0]})")
@@ -132,7 +133,7 @@ def ensemble_sources(run_dir: str | Path, gold: dict[str, dict[Key, str]] | None
             c = f"{UNCALIBRATED}probs_{col}" if f"{UNCALIBRATED}probs_{col}" in t.column_names else f"probs_{col}"
             if c in t.column_names:
                 probs[name] = _probs(t, c)
-        out[s] = SplitData(keys, _y(keys, gold[s], labels, str(path)), probs)
+        out[s] = SplitData(keys, gold_indices(keys, gold[s], labels, str(path)), probs)
         files[s] = str(path)
     names = {n: c for n, c in names.items() if n in out[splits[0]].probs}
     fused = "fusion of the vanilla seed average and the LLM members, cross-fitted over dev dialogues " \
@@ -217,7 +218,7 @@ def models_dir_sources(models_dir: str | Path, gold: dict[str, dict[Key, str]], 
         probs = {"final_no_llm": van, "vanilla": van}
         if fusion:
             probs.update(_lantern(table, keys, labels, prompts, fusion, models_dir / "fusion", gold[s], s))
-        out[s] = SplitData(keys, _y(keys, gold[s], labels, f"{vanilla[s][0]}"), probs)
+        out[s] = SplitData(keys, gold_indices(keys, gold[s], labels, f"{vanilla[s][0]}"), probs)
         files[s] = [str(p) for p in vanilla[s]]
     n_seeds = len(vanilla["dev"])
     how = "trained on train, not fitted on dev (epoch selected on dev)" + (f"; mean of {n_seeds} seeds" if n_seeds > 1 else "")
